@@ -1,0 +1,391 @@
+"""Data: read OpenI-format reports and images, derive the 14 CheXpert labels, split by report,
+train the report tokenizer, cache resized images, and generate the embedded demo collection.
+
+    python data.py --data demo            # prepare the demo collection and print a summary
+    python data.py --data demo --json     # the same summary as one JSON object
+    python data.py --data openi --data-dir DIR
+
+The demo collection (drawn by demo.py) is written to disk in exactly the OpenI layout (ecgen-radiology/*.xml +
+PNGs named by parentImage id) and then read back by the same reader as the real collection.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+from demo import make_demo
+
+LABELS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+]
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+CACHE_VERSION = 1
+OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"
+OPENI_FILES = ("NLMCXR_reports.tgz", "NLMCXR_png.tgz")
+
+# MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches when the head
+# equals `head` and, if `qualifiers` is given, at least one of them is among the term's qualifiers.
+# "No Finding" is not a rule: it is positive exactly when the only major term is "normal".
+#   label                          head                       qualifiers
+MESH_RULES = [
+    ("Enlarged Cardiomediastinum", "mediastinum",             {"prominent", "enlarged"}),
+    ("Cardiomegaly",               "cardiomegaly",            None),
+    ("Cardiomegaly",               "cardiac shadow",          {"enlarged"}),
+    ("Lung Opacity",               "opacity",                 None),
+    ("Lung Opacity",               "airspace disease",        None),
+    ("Lung Opacity",               "infiltrate",              None),
+    ("Lung Opacity",               "density",                 {"lung"}),
+    ("Lung Lesion",                "nodule",                  None),
+    ("Lung Lesion",                "mass",                    None),
+    ("Lung Lesion",                "cavitation",              None),
+    ("Edema",                      "pulmonary edema",         None),
+    ("Edema",                      "pulmonary congestion",    None),
+    ("Edema",                      "heart failure",           None),
+    ("Consolidation",              "consolidation",           None),
+    ("Pneumonia",                  "pneumonia",               None),
+    ("Atelectasis",                "pulmonary atelectasis",   None),
+    ("Pneumothorax",               "pneumothorax",            None),
+    ("Pneumothorax",               "hydropneumothorax",       None),
+    ("Pneumothorax",               "hemopneumothorax",        None),
+    ("Pleural Effusion",           "pleural effusion",        None),
+    ("Pleural Other",              "thickening",              {"pleura"}),
+    ("Pleural Other",              "pleura",                  None),
+    ("Fracture",                   "fractures, bone",         None),
+    ("Support Devices",            "catheters, indwelling",   None),
+    ("Support Devices",            "implanted medical device", None),
+    ("Support Devices",            "tube, inserted",          None),
+    ("Support Devices",            "medical device",          None),
+    ("Support Devices",            "stents",                  None),
+    ("Support Devices",            "surgical instruments",    None),
+]
+
+
+class DataError(Exception):
+    """A problem with the user's data that makes the run meaningless; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+@dataclass
+class Report:
+    id: str                 # e.g. "CXR1"
+    findings: str
+    impression: str
+    majors: list            # MeSH major terms as written (stripped)
+    image_ids: list         # parentImage ids, e.g. "CXR1_1_IM-0001-3001"
+
+    @property
+    def text(self):
+        """The model's t: FINDINGS and IMPRESSION, the parts of the report written after reading the image."""
+        return " ".join(part for part in (self.findings, self.impression) if part)
+
+
+def normalise_term(term):
+    return " ".join(term.split()).lower()
+
+
+def labels_from_mesh(majors):
+    """14-dim 0/1 vector from MeSH major terms, by MESH_RULES."""
+    y = np.zeros(len(LABELS), dtype=np.float32)
+    terms = [[normalise_term(part) for part in major.split("/")] for major in majors]
+    if [t[0] for t in terms] == ["normal"]:
+        y[LABELS.index("No Finding")] = 1
+    for head, *qualifiers in terms:
+        for label, rule_head, rule_qualifiers in MESH_RULES:
+            if head == rule_head and (rule_qualifiers is None or rule_qualifiers & set(qualifiers)):
+                y[LABELS.index(label)] = 1
+    return y
+
+
+def parse_report(xml_bytes, source):
+    """One OpenI XML file -> Report. Raises ValueError naming `source` when the XML is unusable."""
+    try:
+        root = ET.fromstring(xml_bytes)
+    except ET.ParseError as error:
+        raise ValueError(f"{source}: malformed XML ({error})") from None
+    uid = root.find("uId")
+    if uid is None or not uid.get("id"):
+        raise ValueError(f"{source}: no <uId id=...> element")
+    sections = {node.get("Label"): " ".join("".join(node.itertext()).split())
+                for node in root.iterfind(".//AbstractText[@Label]")}
+    return Report(
+        id=uid.get("id"),
+        findings=sections.get("FINDINGS", ""),
+        impression=sections.get("IMPRESSION", ""),
+        majors=[node.text.strip() for node in root.iterfind("MeSH/major") if node.text and node.text.strip()],
+        image_ids=[node.get("id") for node in root.iterfind("parentImage") if node.get("id")],
+    )
+
+
+def iter_report_files(source):
+    """Yield (name, bytes) for every ecgen-radiology/*.xml in a folder or read straight from a .tgz."""
+    source = Path(source)
+    if source.is_dir():
+        for path in sorted(source.glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
+            yield str(path), path.read_bytes()
+        return
+    with tarfile.open(source, "r:*") as archive:
+        for member in archive:
+            if member.isfile() and member.name.endswith(".xml"):
+                yield f"{source}:{member.name}", archive.extractfile(member).read()
+
+
+def find_images(root):
+    """{image id: path} for every PNG below `root`, searched recursively."""
+    return {path.stem: path for path in sorted(Path(root).rglob("*.png"))}
+
+
+@dataclass
+class XrayData:
+    """A prepared collection: one row per image (a sample), each carrying its report's labels and text."""
+    root: Path
+    reports: list           # used reports, in reading order
+    image_paths: list       # (N,) one PNG per sample
+    report_index: np.ndarray  # (N,) index into `reports`
+    labels: np.ndarray      # (N, 14) float32
+    splits: dict            # split -> sorted sample indices
+    split_ids: dict         # split -> report ids (what splits.json holds)
+    summary: dict
+
+    def texts(self):
+        return [report.text for report in self.reports]
+
+
+def read_openi(reports_source, images_root):
+    """Read reports and pair them with images. Returns (used reports, {report id: [paths]}, summary parts)."""
+    images = find_images(images_root)
+    used, paths, seen = [], {}, set()
+    skipped = {"malformed_xml": 0, "duplicate_id": 0, "no_indexing": 0, "no_text": 0, "no_image": 0}
+    skipped_ids = {reason: [] for reason in skipped}
+    found = 0
+    for name, xml_bytes in iter_report_files(reports_source):
+        found += 1
+        try:
+            report = parse_report(xml_bytes, name)
+        except ValueError:
+            reason, report_id = "malformed_xml", name
+        else:
+            report_paths = [images[i] for i in report.image_ids if i in images]
+            report_id = report.id
+            if report.id in seen:
+                reason = "duplicate_id"
+            elif not report.majors or {normalise_term(m) for m in report.majors} == {"no indexing"}:
+                reason = "no_indexing"
+            elif not report.text:
+                reason = "no_text"
+            elif not report_paths:
+                reason = "no_image"
+            else:
+                reason = None
+                seen.add(report.id)
+                used.append(report)
+                paths[report.id] = report_paths
+        if reason:
+            skipped[reason] += 1
+            skipped_ids[reason].append(report_id)
+    return used, paths, {"reports": found, "skipped": skipped, "skipped_ids": skipped_ids}
+
+
+def split_reports(report_ids, seed, fractions=SPLIT_FRACTIONS):
+    """Deterministic split by report: a seeded permutation of the sorted ids cut at the given fractions."""
+    ids = sorted(report_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    cuts = np.round(np.cumsum(fractions)[:-1] * len(ids)).astype(int)
+    return {split: sorted(ids[i] for i in part) for split, part in zip(SPLITS, np.split(order, cuts))}
+
+
+def split_hash(split_ids):
+    return hashlib.sha256(json.dumps(split_ids, sort_keys=True).encode()).hexdigest()
+
+
+def assemble(root, reports, paths, read_summary, split_seed):
+    """Used reports + their image paths -> XrayData with samples, labels and splits."""
+    if not reports:
+        raise DataError(f"no usable report under {root}: skipped {read_summary['skipped']}")
+    image_paths, report_index, labels = [], [], []
+    for i, report in enumerate(reports):
+        y = labels_from_mesh(report.majors)
+        for path in paths[report.id]:
+            image_paths.append(path)
+            report_index.append(i)
+            labels.append(y)
+    report_index = np.array(report_index)
+    split_ids = split_reports([r.id for r in reports], split_seed)
+    split_of_report = {rid: split for split, ids in split_ids.items() for rid in ids}
+    sample_split = np.array([split_of_report[reports[i].id] for i in report_index])
+    report_labels = np.stack([labels_from_mesh(r.majors) for r in reports])
+    report_split = np.array([split_of_report[r.id] for r in reports])
+    summary = {
+        "reports": read_summary["reports"],
+        "reports_used": len(reports),
+        "images_used": len(image_paths),
+        "skipped": read_summary["skipped"],
+        "labels": {name: int(report_labels[:, k].sum()) for k, name in enumerate(LABELS)},
+        "splits": {split: len(ids) for split, ids in split_ids.items()},
+    }
+    per_split = {split: {name: int(report_labels[report_split == split, k].sum()) for k, name in enumerate(LABELS)}
+                 for split in SPLITS}
+    return XrayData(
+        root=Path(root), reports=reports, image_paths=image_paths, report_index=report_index,
+        labels=np.stack(labels), splits={s: np.flatnonzero(sample_split == s) for s in SPLITS},
+        split_ids=split_ids, summary=summary | {"labels_per_split": per_split,
+                                                "skipped_ids": read_summary["skipped_ids"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(texts, vocab_size):
+    """WordPiece tokenizer trained on the given (training split) texts. [PAD] is id 0."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]"])
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path))
+
+
+def encode_texts(tokenizer, texts, max_len):
+    """(N, max_len) int64 token ids, truncated and right-padded with [PAD] = 0."""
+    tokens = np.zeros((len(texts), max_len), dtype=np.int64)
+    for i, encoding in enumerate(tokenizer.encode_batch(texts)):
+        ids = encoding.ids[:max_len]
+        tokens[i, :len(ids)] = ids
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------- image cache
+
+def load_image(path, size):
+    """Decode a PNG/JPEG (8/16-bit, gray/RGB/RGBA) -> (size, size) uint8 grayscale, aspect ratio squashed."""
+    image = decode_image(str(path), mode=ImageReadMode.UNCHANGED)       # (C, H, W)
+    scale = 65535.0 if image.dtype == torch.uint16 else 255.0
+    image = image.float() / scale
+    if image.shape[0] in (3, 4):                                           # ITU-R 601 luma, alpha dropped
+        image = (image[:3] * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    image = image[:1]
+    image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (image[0, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def cache_key(image_paths, size):
+    """Changes when any source file, the file list or the size changes."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}/{size}".encode())
+    for path in image_paths:
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_images(image_paths, size, cache_dir):
+    """(N, size, size) uint8 memory-mapped array of all images, decoded once and reused.
+
+    The array is written to a temporary file and renamed; the manifest holding its key is written last,
+    so a cache interrupted while being built is never mistaken for a complete one.
+    """
+    cache_dir = Path(cache_dir)
+    array_path, manifest_path = cache_dir / f"images-{size}.npy", cache_dir / f"images-{size}.json"
+    key = cache_key(image_paths, size)
+    if manifest_path.exists() and array_path.exists():
+        if json.loads(manifest_path.read_text()).get("key") == key:
+            return np.load(array_path, mmap_mode="r")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)
+    tmp_path = cache_dir / f"images-{size}.{os.getpid()}.tmp.npy"
+    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(image_paths), size, size))
+    for i, path in enumerate(tqdm(image_paths, desc=f"caching images at {size}px", unit="img")):
+        array[i] = load_image(path, size)
+    array.flush()
+    del array
+    os.replace(tmp_path, array_path)
+    manifest_path.write_text(json.dumps({"key": key, "size": size, "count": len(image_paths)}))
+    return np.load(array_path, mmap_mode="r")
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+def openi_sources(data_dir):
+    """Locate the OpenI reports (folder or .tgz) and the PNG folder under data_dir/openi."""
+    root = Path(data_dir) / "openi"
+    reports = next((p for p in (root / "ecgen-radiology", root / "NLMCXR_reports.tgz") if p.exists()), None)
+    images = root / "NLMCXR_png"
+    if reports is None or not images.is_dir():
+        raise DataError(
+            f"OpenI files not found under {root}. Download {OPENI_URL}/{OPENI_FILES[0]} and "
+            f"{OPENI_URL}/{OPENI_FILES[1]}; put the first in {root}/ (as is, or extracted to "
+            f"{root}/ecgen-radiology/) and extract the PNGs into {images}/.")
+    return root, reports, images
+
+
+def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0):
+    """Read a collection (generating the demo first if needed) -> XrayData. Images are not decoded here."""
+    if data == "demo":
+        root = make_demo(Path(data_dir) / f"demo-{demo_reports}-seed{demo_seed}", demo_reports, demo_seed)
+        reports_source, images_root = root / "ecgen-radiology", root / "NLMCXR_png"
+    elif data == "openi":
+        root, reports_source, images_root = openi_sources(data_dir)
+    else:
+        raise DataError(f"unknown --data {data!r}: choose demo or openi")
+    reports, paths, read_summary = read_openi(reports_source, images_root)
+    return assemble(root, reports, paths, read_summary, split_seed)
+
+
+def print_summary(summary):
+    print(f"reports found {summary['reports']}, used {summary['reports_used']}, images {summary['images_used']}")
+    print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()))
+    print(f"{'label':28s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'all':>7s}")
+    for name in LABELS:
+        counts = [summary["labels_per_split"][s][name] for s in SPLITS]
+        print(f"{name:28s}" + "".join(f"{n:7d}" for n in counts) + f"{summary['labels'][name]:7d}")
+    print(f"{'reports':28s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS) + f"{summary['reports_used']:7d}")
+
+
+def add_data_args(parser):
+    """The data options shared by train.py, evaluate.py and this script."""
+    parser.add_argument("--data", default="demo", choices=["demo", "openi"], help="collection (default: demo)")
+    parser.add_argument("--data-dir", default="data", help="where collections and caches live (default: data)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the report-level split (default: 0)")
+    parser.add_argument("--demo-reports", type=int, default=1500, help="reports in the demo (default: 1500)")
+    parser.add_argument("--demo-seed", type=int, default=0, help="seed that draws the demo (default: 0)")
+    parser.add_argument("--image-size", type=int, default=128, help="cached image side in px (default: 128)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(parser)
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object (default: off)")
+    args = parser.parse_args()
+    try:
+        data = prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    cached_images(data.image_paths, args.image_size, data.root / "cache")
+    summary = {k: data.summary[k] for k in ("reports", "reports_used", "images_used", "skipped", "labels", "splits")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(data.summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Model: image encoder, report encoder, Gaussian prior/posterior, classifier, and the VKD objective.
+
+Notation (van Sonsbeek et al., IPMI 2021): x image, t report text, y the 14 labels, z the latent.
+
+    prior (student, test time)   p(z | x)    = N(mu_p(x),    diag exp(logvar_p(x)))
+    posterior (teacher)          q(z | x, t) = N(mu_q(x, t), diag exp(logvar_q(x, t)))
+    classifier                   p(y | z)    = Bernoulli(sigmoid(f(z)))
+
+    ELBO:  log p(y | x) >= E_q(z|x,t)[log p(y | z)] - beta * KL(q(z|x,t) || p(z|x))        (eq. 1)
+
+Methods sharing this code: `vkd` (the above plus a BCE on prior samples), `image` (BCE on f(mu_p(x)) only: the
+baseline VKD must beat), `text` (BCE on posterior samples only: an upper bound that reads the report).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+METHODS = ("vkd", "image", "text")
+
+
+@dataclass
+class VKDConfig:
+    num_labels: int = 14
+    latent_dim: int = 64
+    backbone: str = "cnn"           # cnn | resnet18 | densenet121
+    cnn_width: int = 16             # channels of the compact CNN's first stage
+    vocab_size: int = 2000
+    max_len: int = 64               # report tokens
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    dropout: float = 0.1
+    method: str = "vkd"
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+def conv_bn(c_in, c_out, stride):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class ResidualStage(nn.Module):
+    """Downsample by 2 with a strided conv, then one residual 3x3 block."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.down = conv_bn(c_in, c_out, 2)
+        self.block = nn.Sequential(conv_bn(c_out, c_out, 1), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                                   nn.BatchNorm2d(c_out))
+
+    def forward(self, h):
+        h = self.down(h)
+        return F.relu(h + self.block(h))
+
+
+class ImageEncoder(nn.Module):
+    """Compact CNN for 1-channel radiographs: (B, 1, H, W) -> (B, out_dim). Trains on a CPU at 128 px."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        w = width
+        self.stem = conv_bn(1, w, 2)                                         # (B, w, H/2, W/2)
+        self.stages = nn.Sequential(ResidualStage(w, 2 * w), ResidualStage(2 * w, 4 * w),
+                                    ResidualStage(4 * w, 8 * w))             # (B, 8w, H/16, W/16)
+        self.out_dim = 8 * w
+
+    def forward(self, x):
+        return self.stages(self.stem(x)).mean(dim=(2, 3))                    # global average pool: (B, 8w)
+
+
+class TorchvisionEncoder(nn.Module):
+    """resnet18 / densenet121 from torchvision (random init, or a local weights file) for GPU users."""
+
+    def __init__(self, name, weights_path=None):
+        super().__init__()
+        net = getattr(torchvision.models, name)(weights=None)
+        if weights_path:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        if name.startswith("resnet"):
+            self.out_dim, net.fc = net.fc.in_features, nn.Identity()
+        else:
+            self.out_dim, net.classifier = net.classifier.in_features, nn.Identity()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.expand(-1, 3, -1, -1))                             # gray -> the 3 channels it expects
+
+
+class TextEncoder(nn.Module):
+    """Transformer over report tokens: (B, T) ids -> (B, text_dim), mean-pooled over non-padding tokens.
+
+    Attention runs over the T tokens of each report (batch_first=True), never across the reports of a batch,
+    and positional embeddings are indexed by token position, not batch position (two defects of the authors'
+    code, see METHOD.md).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.text_dim)
+        layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, cfg.dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.text_dim)
+
+    def forward(self, t):
+        B, T = t.shape
+        assert T <= self.position_embedding.num_embeddings, f"{T} tokens > max_len"
+        padding = t == 0                                                          # (B, T), True = ignore
+        positions = torch.arange(T, device=t.device)
+        h = self.token_embedding(t) + self.position_embedding(positions)[None]  # (B, T, C)
+        h = self.norm(self.encoder(h, src_key_padding_mask=padding))             # (B, T, C)
+        keep = (~padding).unsqueeze(-1).to(h.dtype)
+        return (h * keep).sum(1) / keep.sum(1).clamp(min=1)                      # (B, C)
+
+
+# --------------------------------------------------------------------------------------- Gaussian latent
+
+class GaussianHead(nn.Module):
+    """features -> (mu, logvar) of a diagonal Gaussian. Heads output log-variances; sigma = exp(0.5 logvar)."""
+
+    def __init__(self, in_dim, latent_dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, 2 * latent_dim))
+
+    def forward(self, h):
+        mu, logvar = self.net(h).chunk(2, dim=-1)                            # (B, D) each
+        return mu, logvar.clamp(-10.0, 10.0)                                 # keeps exp() finite in low precision
+
+
+def reparameterize(mu, logvar, num_samples=1):
+    """z = mu + sigma * eps, eps ~ N(0, I), sigma = exp(0.5 * logvar): (S, B, D), differentiable in mu, logvar."""
+    eps = torch.randn((num_samples, *mu.shape), device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(q || p) between diagonal Gaussians, summed over latent dims: (B, D) x 4 -> (B,).
+
+    KL = 1/2 sum_d [ logvar_p - logvar_q + (exp(logvar_q) + (mu_q - mu_p)^2) / exp(logvar_p) - 1 ]
+    """
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
+
+
+def bce(logits, y):
+    """-log p(y | z) summed over labels, averaged over samples and batch; logits (S, B, K) or (B, K)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), y.expand_as(logits).float(),
+                                              reduction="none").sum(-1).mean()
+
+
+# ------------------------------------------------------------------------------------------------- VKD
+
+class VKD(nn.Module):
+    def __init__(self, cfg, backbone_weights=None):
+        super().__init__()
+        assert cfg.method in METHODS, f"method must be one of {METHODS}, got {cfg.method!r}"
+        self.cfg = cfg
+        self.image_encoder = (ImageEncoder(cfg.cnn_width) if cfg.backbone == "cnn"
+                              else TorchvisionEncoder(cfg.backbone, backbone_weights))
+        image_dim = self.image_encoder.out_dim
+        self.prior = GaussianHead(image_dim, cfg.latent_dim)                                    # p(z | x)
+        self.text_encoder = TextEncoder(cfg) if cfg.method in ("vkd", "text") else None
+        self.posterior = (GaussianHead(image_dim + cfg.text_dim, cfg.latent_dim)                 # q(z | x, t)
+                          if self.text_encoder is not None else None)
+        self.classifier = nn.Linear(cfg.latent_dim, cfg.num_labels)                             # f(z)
+
+    def encode_prior(self, x):
+        assert x.dim() == 4 and x.shape[1] == 1, f"x must be (B, 1, H, W), got {tuple(x.shape)}"
+        h_x = self.image_encoder(x)                                          # (B, F)
+        return h_x, *self.prior(h_x)
+
+    def encode_posterior(self, h_x, t):
+        h_t = self.text_encoder(t)                                           # (B, C)
+        return self.posterior(torch.cat([h_x, h_t], dim=-1))                 # fusion by concatenation
+
+    def forward(self, x, t, y, beta=1.0, prior_weight=1.0, num_samples=1):
+        """Loss parts for one batch. x (B, 1, H, W) float, t (B, T) token ids, y (B, K) in {0, 1}.
+
+        vkd:   loss = BCE(f(z_q)) + prior_weight * BCE(f(z_p)) + beta * KL(q || p),  z_q ~ q(z|x,t), z_p ~ p(z|x)
+               The first and last terms are the negative ELBO (eq. 1). The middle term trains the prior path
+               that is used at test time directly: in eq. 1 the classifier only ever sees posterior samples.
+        image: loss = BCE(f(mu_p(x)))
+        text:  loss = BCE(f(z_q)),  z_q ~ q(z|x,t)
+        """
+        method = self.cfg.method
+        h_x, mu_p, logvar_p = self.encode_prior(x)
+        zero = torch.zeros((), device=x.device)
+        if method == "image":
+            bce_prior = bce(self.classifier(mu_p), y)
+            return {"loss": bce_prior, "bce_posterior": zero, "bce_prior": bce_prior, "kl": zero}
+        mu_q, logvar_q = self.encode_posterior(h_x, t)
+        bce_posterior = bce(self.classifier(reparameterize(mu_q, logvar_q, num_samples)), y)
+        if method == "text":
+            return {"loss": bce_posterior, "bce_posterior": bce_posterior, "bce_prior": zero, "kl": zero}
+        bce_prior = bce(self.classifier(reparameterize(mu_p, logvar_p, num_samples)), y)
+        kl = gaussian_kl(mu_q.float(), logvar_q.float(), mu_p.float(), logvar_p.float()).mean()
+        loss = bce_posterior + prior_weight * bce_prior + beta * kl
+        return {"loss": loss, "bce_posterior": bce_posterior, "bce_prior": bce_prior, "kl": kl}
+
+    @torch.no_grad()
+    def predict(self, x, num_samples=0):
+        """Image-only inference from the prior p(z|x); the text encoder never runs here.
+
+        num_samples=0: probabilities sigmoid(f(mu_p)), std is zero.
+        num_samples=S: mean and std of sigmoid(f(z_s)) over S samples z_s ~ p(z|x) (std = per-image uncertainty).
+        Returns (probabilities (B, K), std (B, K)).
+        """
+        _, mu_p, logvar_p = self.encode_prior(x)
+        if num_samples == 0:
+            probabilities = torch.sigmoid(self.classifier(mu_p).float())
+            return probabilities, torch.zeros_like(probabilities)
+        samples = torch.sigmoid(self.classifier(reparameterize(mu_p, logvar_p, num_samples)).float())  # (S, B, K)
+        return samples.mean(0), samples.std(0, correction=0)
+
+    @torch.no_grad()
+    def predict_with_text(self, x, t):
+        """The `text` upper bound: sigmoid(f(mu_q(x, t))). Reads the report, so it is not a test-time model."""
+        h_x, _, _ = self.encode_prior(x)
+        mu_q, _ = self.encode_posterior(h_x, t)
+        return torch.sigmoid(self.classifier(mu_q).float())
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(model):
+    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
+    return ", ".join(f"{name} {count_parameters(m) / 1e6:.2f}M" for name, m in parts.items() if m is not None) + \
+        f", total {count_parameters(model) / 1e6:.2f}M"
+
