@@ -274,6 +274,11 @@ def encode_texts(tokenizer, texts, max_len):
     return tokens
 
 
+def sample_tokens(data, tokenizer, max_len):
+    """(N, max_len) token ids of each sample's report (reports are tokenised once, then indexed)."""
+    return encode_texts(tokenizer, data.texts(), max_len)[data.report_index]
+
+
 # ----------------------------------------------------------------------------------------- image cache
 
 def load_image(path, size):

@@ -1,0 +1,291 @@
+"""Train VKD (or a baseline) and evaluate the best checkpoint on the test split.
+
+    python train.py                          # the embedded demo, VKD, CPU-friendly defaults
+    python train.py --method image           # the image-only baseline VKD must beat
+    python train.py --data openi --data-dir DIR
+    python train.py --out runs/demo-vkd-seed0 --resume    # continue an interrupted run
+
+Writes into --out: run.json (resolved config), splits.json, tokenizer.json, log.jsonl (one line per epoch),
+last.pt and best.pt (plain dicts), metrics.json (test AUROC of best.pt with 95% bootstrap intervals).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data as data_module
+import evaluate
+from data import LABELS
+from model import METHODS, VKD, VKDConfig, describe
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data_module.add_data_args(parser)
+    add = parser.add_argument
+    add("--method", default="vkd", choices=METHODS, help="vkd, image (baseline) or text (upper bound) (default: vkd)")
+    add("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    add("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    add("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: 2e-3)")
+    add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    add("--warmup-steps", type=int, default=30, help="linear learning-rate warm-up steps (default: 30)")
+    add("--beta", type=float, default=1.0, help="weight of KL(q || p) after annealing (default: 1.0)")
+    add("--beta-warmup-epochs", type=float, default=3, help="epochs over which beta rises from 0 (default: 3)")
+    add("--prior-weight", type=float, default=1.0, help="lambda: weight of the BCE on prior samples (default: 1.0)")
+    add("--latent-samples", type=int, default=1, help="L: reparameterised samples per image (default: 1)")
+    add("--latent-dim", type=int, default=64, help="size of z (default: 64)")
+    add("--backbone", default="cnn", choices=["cnn", "resnet18", "densenet121"], help="image encoder (default: cnn)")
+    add("--backbone-weights", default=None, help="local torchvision state_dict for the backbone (default: none)")
+    add("--cnn-width", type=int, default=16, help="channels of the compact CNN's first stage (default: 16)")
+    add("--vocab-size", type=int, default=2000, help="tokenizer vocabulary (default: 2000)")
+    add("--max-len", type=int, default=64, help="report tokens kept (default: 64)")
+    add("--text-dim", type=int, default=64, help="transformer width (default: 64)")
+    add("--text-layers", type=int, default=2, help="transformer layers (default: 2)")
+    add("--dropout", type=float, default=0.1, help="transformer dropout (default: 0.1)")
+    add("--no-augment", action="store_true", help="turn off random affine augmentation (default: on)")
+    add("--clip-grad", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
+    add("--seed", type=int, default=0, help="seed of initialisation, shuffling and sampling (default: 0)")
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+        help="autocast: auto = bf16 on CUDA, off on CPU (default: auto)")
+    add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples for test intervals (default: 1000)")
+    add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>)")
+    add("--resume", action="store_true", help="continue from <out>/last.pt with its saved config (default: off)")
+    args = parser.parse_args(argv)
+    args.out = args.out or f"runs/{args.data}-{args.method}-seed{args.seed}"
+    return args
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+def lr_at(step, total_steps, peak_lr, warmup_steps):
+    """Linear warm-up to peak_lr, then cosine decay to zero at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def beta_at(step, beta, warmup_steps):
+    """KL weight rising linearly from 0 to beta over warmup_steps, then constant.
+
+    Why this schedule: at the start the posterior has learnt nothing from the report yet, and a full-weight KL
+    would pull it onto the untrained prior (the posterior 'collapses' and ignores t). One monotonic ramp is
+    enough for runs of tens of epochs; the authors' cyclical schedule repeats the ramp, which matters for long
+    runs, and is a one-line change here (use step % period).
+    """
+    return beta * min(1.0, step / warmup_steps) if warmup_steps > 0 else beta
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def augment(x, generator):
+    """Random affine per image (rotation +-5 deg, scale +-5%, shift +-3%), one grid_sample for the batch.
+    No horizontal flips: the heart is on the patient's left, a flip makes an anatomically impossible image."""
+    B = x.shape[0]
+    r = torch.rand(B, 4, generator=generator, device=x.device) * 2 - 1
+    angle, scale, shift = r[:, 0] * math.radians(5), 1 + r[:, 1] * 0.05, r[:, 2:] * 0.03
+    theta = torch.stack([torch.stack([scale * torch.cos(angle), -scale * torch.sin(angle), shift[:, 0]], 1),
+                         torch.stack([scale * torch.sin(angle), scale * torch.cos(angle), shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)                  # (B, H, W, 2)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states(device):
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def environment(device):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+def train(args):
+    out = Path(args.out)
+    start_time = time.time()
+    checkpoint = None
+    if args.resume:
+        last = out / "last.pt"
+        if not last.exists():
+            raise data_module.DataError(f"--resume: {last} does not exist")
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+        epochs = args.epochs
+        args = argparse.Namespace(**checkpoint["config"])
+        args.epochs = epochs
+        print(f"resuming {last} at epoch {checkpoint['epoch'] + 1}/{args.epochs} with its saved config")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    amp = ("bf16" if device.type == "cuda" else "off") if args.amp == "auto" else args.amp
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # data: read reports, split by report, tokenizer from the training split only, cached images
+    collection = data_module.prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+    (out / "splits.json").write_text(json.dumps({"split_seed": args.split_seed} | collection.split_ids))
+    tokenizer_path = out / "tokenizer.json"
+    if checkpoint is None:
+        train_texts = [collection.reports[i].text for i in np.unique(collection.report_index[collection.splits["train"]])]
+        data_module.train_tokenizer(train_texts, args.vocab_size).save(str(tokenizer_path))
+    tokenizer = data_module.load_tokenizer(tokenizer_path)
+    images_np = data_module.cached_images(collection.image_paths, args.image_size, collection.root / "cache")
+    train_idx, val_idx = collection.splits["train"], collection.splits["val"]
+    if checkpoint is None:
+        train_pixels = images_np[train_idx].astype(np.float32) / 255.0
+        args.pixel_mean, args.pixel_std = float(train_pixels.mean()), float(train_pixels.std())
+    # the whole cache is small enough to hold as one tensor on the device; batches are gathered by indexing it
+    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(device)                # (N, S, S) uint8
+    tokens = torch.from_numpy(data_module.sample_tokens(collection, tokenizer, args.max_len)).to(device)  # (N, T)
+    labels = torch.from_numpy(collection.labels).to(device)                               # (N, K)
+    missing = [LABELS[k] for k in range(len(LABELS)) if collection.labels[train_idx, k].sum() == 0]
+    if missing:
+        print(f"warning: no positive training sample for {', '.join(missing)}")
+
+    model_config = VKDConfig(num_labels=len(LABELS), latent_dim=args.latent_dim, backbone=args.backbone,
+                             cnn_width=args.cnn_width, vocab_size=tokenizer.get_vocab_size(), max_len=args.max_len,
+                             text_dim=args.text_dim, text_layers=args.text_layers, dropout=args.dropout,
+                             method=args.method)
+    model = VKD(model_config, args.backbone_weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "off" else nullcontext())
+    forward = torch.compile(model) if args.compile else model
+    steps_per_epoch = len(train_idx) // args.batch_size                                 # drop_last: static shapes
+    total_steps = steps_per_epoch * args.epochs
+    beta_warmup_steps = int(args.beta_warmup_epochs * steps_per_epoch)
+    start_epoch, step, best_auroc = 0, 0, -1.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step, best_auroc = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_auroc"]
+        set_rng_states(checkpoint["rng"], device)
+    config = vars(args)
+    run_record = {"config": config, "environment": environment(device), "model": describe(model),
+                  "data": collection.summary, "amp": amp}
+    (out / "run.json").write_text(json.dumps(run_record, indent=1))
+    print(f"{args.method} on {args.data}: {len(train_idx)} train / {len(val_idx)} val images, "
+          f"{steps_per_epoch} steps/epoch, device {device}, amp {amp}; {describe(model)}")
+
+    log = open(out / "log.jsonl", "a")
+    for epoch in range(start_epoch, args.epochs):
+        # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them exactly.
+        shuffle = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        augment_rng = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
+        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)].to(device)
+        model.train()
+        sums = torch.zeros(4, device=device)              # loss parts summed on the device: no sync per step
+        epoch_start = time.time()
+        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, unit="step"):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x = images[idx].float().div(255).unsqueeze(1)                               # (B, 1, S, S)
+            if not args.no_augment:
+                x = augment(x, augment_rng)
+            x = (x - args.pixel_mean) / args.pixel_std
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            beta = beta_at(step, args.beta, beta_warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                parts = forward(x, tokens[idx], labels[idx], beta, args.prior_weight, args.latent_samples)
+            scaler.scale(parts["loss"]).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps)
+            sums += torch.stack([parts[k].detach().float() for k in ("loss", "bce_posterior", "bce_prior", "kl")])
+        train_time = time.time() - epoch_start
+
+        p, _ = evaluate.predict(model, images, tokens, val_idx, config, device)
+        val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
+        loss, bce_posterior, bce_prior, kl = (sums / steps_per_epoch).tolist()
+        record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
+                  "bce_prior": bce_prior, "kl": kl, "beta": beta, "lr": optimizer.param_groups[0]["lr"],
+                  "val_macro_auroc": val_auroc, "images_per_s": steps_per_epoch * args.batch_size / train_time,
+                  "epoch_s": time.time() - epoch_start}
+        tqdm.write(f"epoch {epoch + 1:3d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} bce_p {bce_prior:.3f} "
+                   f"kl {kl:7.3f}) | beta {beta:.3f} | lr {record['lr']:.2e} | val macro AUROC {val_auroc:.4f} | "
+                   f"{record['images_per_s']:.0f} img/s | {record['epoch_s']:.1f}s")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+        is_best = val_auroc > best_auroc
+        best_auroc = max(best_auroc, val_auroc)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "step": step, "best_auroc": best_auroc, "val_macro_auroc": val_auroc,
+                 "config": config, "model_config": vars(model_config), "tokenizer": tokenizer_path.name,
+                 "split_sha256": data_module.split_hash(collection.split_ids), "rng": rng_states(device)}
+        if is_best:
+            save_checkpoint(out / "best.pt", state)
+        save_checkpoint(out / "last.pt", state)
+    log.close()
+
+    # the test split is touched once, with the checkpoint chosen on validation
+    best, best_checkpoint = evaluate.load_checkpoint(out / "best.pt", device)
+    test_idx = collection.splits["test"]
+    p, _ = evaluate.predict(best, images, tokens, test_idx, config, device)
+    metrics = evaluate.metrics_report(collection.labels[test_idx], p, collection.report_index[test_idx],
+                                      args.bootstrap)
+    metrics |= {"method": args.method, "best_epoch": best_checkpoint["epoch"] + 1,
+                "wall_s": time.time() - start_time}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    run_record["metrics"] = metrics
+    (out / "run.json").write_text(json.dumps(run_record, indent=1))
+    print(evaluate.format_metrics(metrics, f"test AUROC of {out / 'best.pt'} (best val epoch {metrics['best_epoch']})"))
+    print(f"wall time {metrics['wall_s']:.0f}s; results in {out}/")
+    return metrics
+
+
+def main():
+    try:
+        train(get_args())
+    except data_module.DataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
