@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from tqdm import tqdm
 
 from demo import make_demo
@@ -250,12 +250,16 @@ def assemble(root, reports, paths, read_summary, split_seed):
 # --------------------------------------------------------------------------------------------- tokenizer
 
 def train_tokenizer(texts, vocab_size):
-    """WordPiece tokenizer trained on the given (training split) texts. [PAD] is id 0."""
+    """Byte-pair-encoding tokenizer trained on the given (training split) texts. [PAD] is id 0.
+
+    BPE rather than WordPiece because the tokenizers library's WordPiece trainer breaks ties between equally
+    frequent merges differently from run to run, which would make a seeded run unrepeatable.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]"])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]"], show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
@@ -283,14 +287,14 @@ def sample_tokens(data, tokenizer, max_len):
 
 def load_image(path, size):
     """Decode a PNG/JPEG (8/16-bit, gray/RGB/RGBA) -> (size, size) uint8 grayscale, aspect ratio squashed."""
-    image = decode_image(str(path), mode=ImageReadMode.UNCHANGED)       # (C, H, W)
-    scale = 65535.0 if image.dtype == torch.uint16 else 255.0
-    image = image.float() / scale
-    if image.shape[0] in (3, 4):                                           # ITU-R 601 luma, alpha dropped
-        image = (image[:3] * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-    image = image[:1]
-    image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (image[0, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    with Image.open(path) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):                        # 16-bit grayscale PNG
+            pixels = np.asarray(image, dtype=np.float32) / 65535.0
+        else:                                                                      # RGB(A) -> ITU-R 601 luma
+            pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    pixels = torch.from_numpy(pixels)[None, None]                                  # (1, 1, H, W)
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (pixels[0, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def cache_key(image_paths, size):

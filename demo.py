@@ -12,8 +12,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
-import torch
-from torchvision.io import encode_png
+from PIL import Image
 from tqdm import tqdm
 
 PNG_SIZE = 192
@@ -304,8 +303,7 @@ def make_demo(root, num_reports, seed):
         anatomy = draw_anatomy(rng)
         for image_id in image_ids:
             if not image_id.endswith("-missing"):
-                pixels = torch.from_numpy(draw_xray(rng, anatomy, findings))[None]
-                (images_dir / f"{image_id}.png").write_bytes(encode_png(pixels).numpy().tobytes())
+                Image.fromarray(draw_xray(rng, anatomy, findings)).save(images_dir / f"{image_id}.png")
         xml = write_report(rng, number, findings, image_ids, majors, findings_text, impression)
         (reports_dir / f"{number}.xml").write_text(xml, encoding="utf-8")
     done.write_text(f"{num_reports} {seed} {PNG_SIZE}\n")

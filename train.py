@@ -63,6 +63,9 @@ def get_args(argv=None):
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples for test intervals (default: 1000)")
     add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>)")
     add("--resume", action="store_true", help="continue from <out>/last.pt with its saved config (default: off)")
+    add("--stop-after", type=int, default=None,
+        help="leave after this many epochs of this invocation, e.g. for time-limited jobs; continue with --resume "
+             "(default: run to --epochs)")
     args = parser.parse_args(argv)
     args.out = args.out or f"runs/{args.data}-{args.method}-seed{args.seed}"
     return args
@@ -145,9 +148,9 @@ def train(args):
         if not last.exists():
             raise data_module.DataError(f"--resume: {last} does not exist")
         checkpoint = torch.load(last, map_location="cpu", weights_only=True)
-        epochs = args.epochs
+        epochs, stop_after = args.epochs, args.stop_after
         args = argparse.Namespace(**checkpoint["config"])
-        args.epochs = epochs
+        args.epochs, args.stop_after = epochs, stop_after
         print(f"resuming {last} at epoch {checkpoint['epoch'] + 1}/{args.epochs} with its saved config")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -171,7 +174,7 @@ def train(args):
         train_pixels = images_np[train_idx].astype(np.float32) / 255.0
         args.pixel_mean, args.pixel_std = float(train_pixels.mean()), float(train_pixels.std())
     # the whole cache is small enough to hold as one tensor on the device; batches are gathered by indexing it
-    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(device)                # (N, S, S) uint8
+    images = torch.from_numpy(np.array(images_np)).to(device)                              # (N, S, S) uint8
     tokens = torch.from_numpy(data_module.sample_tokens(collection, tokenizer, args.max_len)).to(device)  # (N, T)
     labels = torch.from_numpy(collection.labels).to(device)                               # (N, K)
     missing = [LABELS[k] for k in range(len(LABELS)) if collection.labels[train_idx, k].sum() == 0]
@@ -209,7 +212,8 @@ def train(args):
           f"{steps_per_epoch} steps/epoch, device {device}, amp {amp}; {describe(model)}")
 
     log = open(out / "log.jsonl", "a")
-    for epoch in range(start_epoch, args.epochs):
+    end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, end_epoch):
         # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them exactly.
         shuffle = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
         augment_rng = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
@@ -263,6 +267,9 @@ def train(args):
             save_checkpoint(out / "best.pt", state)
         save_checkpoint(out / "last.pt", state)
     log.close()
+    if end_epoch < args.epochs:
+        print(f"stopped after epoch {end_epoch}/{args.epochs}; continue with: python train.py --out {out} --resume")
+        return None
 
     # the test split is touched once, with the checkpoint chosen on validation
     best, best_checkpoint = evaluate.load_checkpoint(out / "best.pt", device)

@@ -1,0 +1,567 @@
+"""Data: OpenI XML parsing and skip rules, MeSH -> CheXpert labels, report-level splits, image decoding and cache,
+tokenizer, and the `python data.py --json` summary.
+
+Every fixture is written under tmp_path in the real OpenI schema (modelled on the files in NLMCXR_reports.tgz:
+root <eCitation>, <uId id="CXR{n}"/>, four <AbstractText Label=...> sections, <MeSH> with <major>/<automatic>,
+<parentImage id=...> blocks), so the tests need neither the real collection nor the network.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from data import LABELS, MESH_RULES, SPLITS, Report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------- fixture writers
+
+def report_xml(number, findings="", impression="", comparison="None.", indication="Cough", majors=("normal",),
+               automatic=(), image_ids=(), uid=None):
+    """One report in the OpenI schema. Empty sections are self-closing, as in the real files (e.g. 3.xml)."""
+    def section(label, text):
+        return (f'<AbstractText Label="{label}">{escape(text)}</AbstractText>' if text
+                else f'<AbstractText Label="{label}"/>')
+    mesh = "".join(f"\n      <major>{escape(m)}</major>\n   " for m in majors)
+    mesh += "".join(f"\n      <automatic>{escape(a)}</automatic>\n   " for a in automatic)
+    images = "".join(f"""
+   <parentImage id="{image_id}">
+      <figureId>F{k + 1}</figureId>
+      <caption>Xray Chest PA and Lateral</caption>
+      <panel type="single">
+         <url>/hadoop/storage/radiology/extract/{image_id}.jpg</url>
+         <imgModality>7</imgModality>
+         <region type="panel">
+            <globalImageFeatures>
+               <CEDD>f2p0k1352</CEDD>
+            </globalImageFeatures>
+         </region>
+      </panel>
+   </parentImage>""" for k, image_id in enumerate(image_ids))
+    return f"""<?xml version="1.0" encoding="utf-8"?>
+<eCitation>
+   <meta type="rr"/>
+   <uId id="{uid or f'CXR{number}'}"/>
+   <pmcId id="{number}"/>
+   <docSource>CXR</docSource>
+   <IUXRId id="{number}"/>
+   <licenseType>open-access</licenseType>
+   <articleURL/>
+   <publisher>Indiana University</publisher>
+   <title>Indiana University Chest X-ray Collection</title>
+   <MedlineCitation Owner="Indiana University" Status="supplied by publisher">
+      <Article PubModel="Electronic">
+         <Journal>
+            <JournalIssue><PubDate><Year>2013</Year><Month>08</Month><Day>01</Day></PubDate></JournalIssue>
+         </Journal>
+         <ArticleTitle>Indiana University Chest X-ray Collection</ArticleTitle>
+         <Abstract>
+            {section("COMPARISON", comparison)}
+            {section("INDICATION", indication)}
+            {section("FINDINGS", findings)}
+            {section("IMPRESSION", impression)}
+         </Abstract>
+         <Affiliation>Indiana University</Affiliation>
+      </Article>
+      <IMedAuthor>Marc David Kohli MD</IMedAuthor>
+   </MedlineCitation>
+   <MeSH>
+   {mesh}
+   </MeSH>{images}
+</eCitation>"""
+
+
+def write_png(path, pixels, mode=None):
+    """Write an array as PNG (or JPEG, by suffix) with PIL; creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels, mode) if mode else Image.fromarray(pixels)
+    image.save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    return path
+
+
+def random_gray(seed, shape=(12, 10)):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+NORMAL_FINDINGS = "The cardiac silhouette and mediastinum size are within normal limits. There is no pneumothorax."
+# file name -> report, one per case in the samples README (the file names match the real samples)
+CASES = {
+    "1.xml": dict(number=1, findings=NORMAL_FINDINGS, impression="Normal chest x-XXXX.", majors=["normal"],
+                  image_ids=["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001"]),
+    "3.xml": dict(number=3, comparison="", findings="", majors=["normal"],
+                  impression="No displaced rib fractures, pneumothorax, or pleural effusion identified.",
+                  image_ids=["CXR3_IM-1384-1001", "CXR3_IM-1384-2001"]),
+    "9.xml": dict(number=9, findings="Calcified granuloma is again seen in the right upper lobe.",
+                  impression="CT chest is recommended. Dr. XXXX<XXXX>technologist receipt of the results.",
+                  majors=["Calcified Granuloma/lung/upper lobe/right", "Density/cardiophrenic angle/left"],
+                  automatic=["calcified granuloma"], image_ids=["CXR9_IM-2407-1001", "CXR9_IM-2407-2001"]),
+    "16.xml": dict(number=16, comparison="", indication="", findings="", impression="", majors=["normal"],
+                   image_ids=["CXR16_IM-0389-1001", "CXR16_IM-0389-2001"]),
+    "39.xml": dict(number=39, findings="Both lungs are clear and expanded.", impression="No active disease.",
+                   majors=["No Indexing"], image_ids=["CXR39_IM-1978-1001", "CXR39_IM-1978-2001"]),
+    "64.xml": dict(number=64, findings="There is a small to moderate sized right apical pneumothorax.",
+                   impression="Small to moderate right apical pneumothorax.",
+                   majors=["Technical Quality of Image Unsatisfactory ", "Pneumothorax/apex/right/moderate"],
+                   automatic=["pneumothorax", "Pneumothorax"],
+                   image_ids=["CXR64_IM-2218-2001", "CXR64_IM-2218-4004"]),
+    "156.xml": dict(number=156, findings="Stable left-sided ICD.", impression="1. No acute process.",
+                    majors=["Implanted Medical Device/left", "Spine/degenerative"], image_ids=[]),
+    "846.xml": dict(number=846, findings="Heart size appears normal.", impression="No evidence of active disease.",
+                    majors=["Granuloma"], image_ids=[f"CXR846_IM-2368-0001-000{k}" for k in range(1, 5)]),
+    "1000.xml": dict(number=1000, findings="Left lower lobe airspace disease.", impression="Pneumonia.",
+                     majors=["Airspace Disease/lung/lower lobe/left", "Pneumonia/lower lobe/left"],
+                     image_ids=["CXR1000_IM-0003-1001", "CXR1000_IM-0003-2001", "CXR1000_IM-0003-3001"]),
+    "1900.xml": dict(number=1900, uid="CXR1", findings="A second report claiming id CXR1.", majors=["normal"],
+                     impression="Duplicate.", image_ids=["CXR1900_IM-0585-1001"]),
+    "2000.xml": dict(number=2000, findings="Clear lungs.", impression="Normal.", majors=["normal"],
+                     image_ids=["CXR2000_IM-0650-1001-missing"]),                 # listed, but no PNG on disk
+}
+MALFORMED = "<?xml version='1.0' encoding='utf-8'?>\n<eCitation>\n   <uId id=\"CXR5\"/>\n   <MeSH><major>normal"
+EXPECTED_SKIPPED_IDS = {"malformed_xml": ["5.xml"], "duplicate_id": ["CXR1"], "no_indexing": ["CXR39"],
+                        "no_text": ["CXR16"], "no_image": ["CXR156", "CXR2000"]}
+USED_IDS = ["CXR1", "CXR3", "CXR9", "CXR64", "CXR846", "CXR1000"]
+
+
+def write_collection(root):
+    """The edge cases above as root/ecgen-radiology/*.xml + PNGs spread over nested folders of root/NLMCXR_png."""
+    reports_dir, images_dir = Path(root) / "ecgen-radiology", Path(root) / "NLMCXR_png"
+    reports_dir.mkdir(parents=True)
+    for n, (name, case) in enumerate(CASES.items()):
+        (reports_dir / name).write_text(report_xml(**case), encoding="utf-8")
+        for k, image_id in enumerate(case["image_ids"]):
+            if not image_id.endswith("-missing"):
+                write_png(images_dir / f"part{k % 2}" / f"batch{n % 3}" / f"{image_id}.png", random_gray(100 * n + k))
+    (reports_dir / "5.xml").write_text(MALFORMED, encoding="utf-8")
+    write_png(images_dir / "CXR99999_IM-9999-1001.png", random_gray(0))                # referenced by no report
+    return reports_dir, images_dir
+
+
+def make_tgz(reports_dir, tgz_path):
+    """NLMCXR_reports.tgz as distributed: members ecgen-radiology/*.xml (tarfile adds them in name order)."""
+    with tarfile.open(tgz_path, "w:gz") as archive:
+        archive.add(reports_dir, arcname="ecgen-radiology")
+    return tgz_path
+
+
+@pytest.fixture
+def collection(tmp_path):
+    return write_collection(tmp_path / "openi")
+
+
+# ----------------------------------------------------------------------------------------- parse_report
+
+def parse(name):
+    return data.parse_report(report_xml(**CASES[name]).encode(), name)
+
+
+def test_parse_two_images_with_cxr1_1_naming():
+    report = parse("1.xml")
+    assert report.id == "CXR1"
+    assert report.image_ids == ["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001"]
+    assert report.findings == NORMAL_FINDINGS and report.impression == "Normal chest x-XXXX."
+    assert report.text == f"{NORMAL_FINDINGS} Normal chest x-XXXX."
+    assert report.majors == ["normal"]
+
+
+def test_parse_empty_self_closing_findings_takes_text_from_impression():
+    xml = report_xml(**CASES["3.xml"])
+    assert '<AbstractText Label="FINDINGS"/>' in xml
+    report = data.parse_report(xml.encode(), "3.xml")
+    assert report.findings == ""
+    assert report.text == report.impression == CASES["3.xml"]["impression"]
+
+
+def test_parse_decodes_xml_entities():
+    xml = report_xml(**CASES["9.xml"])
+    assert "XXXX&lt;XXXX&gt;technologist" in xml
+    report = data.parse_report(xml.encode(), "9.xml")
+    assert "Dr. XXXX<XXXX>technologist" in report.impression
+    assert "&lt;" not in report.text and "&gt;" not in report.text
+
+
+def test_parse_keeps_only_major_terms_stripped():
+    report = parse("64.xml")
+    assert report.majors == ["Technical Quality of Image Unsatisfactory", "Pneumothorax/apex/right/moderate"]
+    assert "pneumothorax" not in report.majors                                # <automatic> terms are not labels
+
+
+def test_parse_without_findings_or_impression_has_no_text():
+    report = parse("16.xml")
+    assert (report.findings, report.impression, report.text) == ("", "", "")
+
+
+def test_parse_without_parent_image_and_with_four_images():
+    assert parse("156.xml").image_ids == []
+    assert parse("846.xml").image_ids == [f"CXR846_IM-2368-0001-000{k}" for k in range(1, 5)]
+
+
+@pytest.mark.parametrize("xml_text", [MALFORMED, "", "<eCitation><meta type='rr'/></eCitation>"])
+def test_parse_unusable_xml_raises_value_error_naming_the_source(xml_text):
+    with pytest.raises(ValueError, match="reports/5.xml"):
+        data.parse_report(xml_text.encode(), "reports/5.xml")
+
+
+# ------------------------------------------------------------------------------------- read_openi (skips)
+
+def test_read_openi_skip_rules_and_samples(collection):
+    reports_dir, images_dir = collection
+    used, paths, summary = data.read_openi(reports_dir, images_dir)
+    assert [r.id for r in used] == USED_IDS                                  # folder order: 1, 3, 9, ..., 1000
+    assert summary["reports"] == len(CASES) + 1
+    assert summary["skipped_ids"] == EXPECTED_SKIPPED_IDS
+    assert summary["skipped"] == {reason: len(ids) for reason, ids in EXPECTED_SKIPPED_IDS.items()}
+    assert len(used) + sum(summary["skipped"].values()) == summary["reports"]
+    # the first CXR1 (1.xml) is the one kept, not the duplicate in 1900.xml
+    assert used[0].text.startswith(NORMAL_FINDINGS)
+    # images are found in nested folders and kept in parentImage order
+    assert [p.stem for p in paths["CXR1"]] == CASES["1.xml"]["image_ids"]
+    assert {p.parent.parent.parent for p in paths["CXR1000"]} == {images_dir}
+    assert all(p.is_file() for ps in paths.values() for p in ps)
+
+
+def test_assemble_four_images_give_four_samples_with_the_report_labels(collection):
+    reports_dir, images_dir = collection
+    dataset = data.assemble(reports_dir.parent, *data.read_openi(reports_dir, images_dir), split_seed=0)
+    per_report = {rid: int((dataset.report_index == i).sum()) for i, rid in enumerate(r.id for r in dataset.reports)}
+    assert per_report == {"CXR1": 2, "CXR3": 2, "CXR9": 2, "CXR64": 2, "CXR846": 4, "CXR1000": 3}
+    assert len(dataset.image_paths) == dataset.summary["images_used"] == 15
+    i64 = [r.id for r in dataset.reports].index("CXR64")
+    pneumothorax = np.eye(len(LABELS), dtype=np.float32)[LABELS.index("Pneumothorax")]
+    assert np.array_equal(dataset.labels[dataset.report_index == i64], np.stack([pneumothorax] * 2))
+    assert dataset.summary["labels"]["Pneumothorax"] == 1                      # counted per report, not per image
+    assert dataset.summary["labels"]["No Finding"] == 2                        # CXR1 and CXR3
+
+
+# ----------------------------------------------------------------------------- read_openi: folder vs .tgz
+
+def test_read_openi_from_tgz_equals_folder(collection, tmp_path):
+    reports_dir, images_dir = collection
+    tgz = make_tgz(reports_dir, tmp_path / "NLMCXR_reports.tgz")
+    used_dir, paths_dir, summary_dir = data.read_openi(reports_dir, images_dir)
+    used_tgz, paths_tgz, summary_tgz = data.read_openi(tgz, images_dir)
+    assert sorted(used_tgz, key=lambda r: r.id) == sorted(used_dir, key=lambda r: r.id)
+    assert paths_tgz == paths_dir
+    assert summary_tgz["reports"] == summary_dir["reports"] and summary_tgz["skipped"] == summary_dir["skipped"]
+    assert summary_tgz["skipped_ids"]["malformed_xml"] == [f"{tgz}:ecgen-radiology/5.xml"]
+    for reason in ("duplicate_id", "no_indexing", "no_text", "no_image"):
+        assert sorted(summary_tgz["skipped_ids"][reason]) == sorted(summary_dir["skipped_ids"][reason])
+
+
+def test_prepare_openi_reads_the_tgz_from_data_dir(collection, tmp_path):
+    reports_dir, images_dir = collection
+    make_tgz(reports_dir, tmp_path / "openi" / "NLMCXR_reports.tgz")
+    os.rename(reports_dir, tmp_path / "xml-elsewhere")                      # only the .tgz remains
+    dataset = data.prepare("openi", tmp_path, split_seed=0)
+    assert sorted(r.id for r in dataset.reports) == sorted(USED_IDS)
+    assert dataset.summary["skipped"] == {reason: len(ids) for reason, ids in EXPECTED_SKIPPED_IDS.items()}
+
+
+def test_prepare_openi_without_files_says_what_to_download(tmp_path):
+    with pytest.raises(data.DataError, match="NLMCXR_reports.tgz"):
+        data.prepare("openi", tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="data.py bug: .tgz members are read in archive order, the folder in "
+                                       "numeric order, so sample order (and training) differs between the two")
+def test_read_openi_tgz_keeps_the_folder_reading_order(collection, tmp_path):
+    reports_dir, images_dir = collection
+    tgz = make_tgz(reports_dir, tmp_path / "NLMCXR_reports.tgz")
+    assert [r.id for r in data.read_openi(tgz, images_dir)[0]] == USED_IDS
+
+
+# ------------------------------------------------------------------------------------------ labels_from_mesh
+
+def one_hot(*labels):
+    y = np.zeros(len(LABELS), dtype=np.float32)
+    for label in labels:
+        y[LABELS.index(label)] = 1
+    return y
+
+
+# one real-looking major term per row of MESH_RULES, in the same order
+RULE_CASES = [
+    ("Mediastinum/enlarged", "Enlarged Cardiomediastinum"),
+    ("Cardiomegaly/mild", "Cardiomegaly"),
+    ("Cardiac Shadow/enlarged", "Cardiomegaly"),
+    ("Opacity/lung/base/left", "Lung Opacity"),
+    ("Airspace Disease/lung/middle lobe/right", "Lung Opacity"),
+    ("Infiltrate/lung/upper lobe/left", "Lung Opacity"),
+    ("Density/lung/base", "Lung Opacity"),
+    ("Nodule/lung/upper lobe/right", "Lung Lesion"),
+    ("Mass/lung/hilum/left", "Lung Lesion"),
+    ("Cavitation/lung/upper lobe/right", "Lung Lesion"),
+    ("Pulmonary Edema/mild", "Edema"),
+    ("Pulmonary Congestion/mild", "Edema"),
+    ("Heart Failure", "Edema"),
+    ("Consolidation/lung/lower lobe/left", "Consolidation"),
+    ("Pneumonia/lower lobe/right", "Pneumonia"),
+    ("Pulmonary Atelectasis/base/left", "Atelectasis"),
+    ("Pneumothorax/apex/right/small", "Pneumothorax"),
+    ("Hydropneumothorax/right", "Pneumothorax"),
+    ("Hemopneumothorax/left", "Pneumothorax"),
+    ("Pleural Effusion/right/small", "Pleural Effusion"),
+    ("Thickening/pleura/apex/left", "Pleural Other"),
+    ("Pleura/left", "Pleural Other"),
+    ("Fractures, Bone/ribs/left", "Fracture"),
+    ("Catheters, Indwelling", "Support Devices"),
+    ("Implanted Medical Device/left", "Support Devices"),
+    ("Tube, Inserted", "Support Devices"),
+    ("Medical Device", "Support Devices"),
+    ("Stents/coronary", "Support Devices"),
+    ("Surgical Instruments/mediastinum", "Support Devices"),
+]
+
+
+def test_rule_cases_cover_every_mesh_rule():
+    assert [(label, data.normalise_term(term.split("/")[0])) for term, label in RULE_CASES] == \
+           [(label, head) for label, head, _ in MESH_RULES]
+
+
+@pytest.mark.parametrize("term, label", RULE_CASES)
+def test_each_mesh_rule_gives_exactly_its_label(term, label):
+    assert np.array_equal(data.labels_from_mesh([term]), one_hot(label))
+
+
+@pytest.mark.parametrize("term, label", [
+    ("Mediastinum/prominent", "Enlarged Cardiomediastinum"),
+    ("Cardiac Shadow/enlarged/severe", "Cardiomegaly"),
+    ("Density/lung/base/left", "Lung Opacity"),
+    ("  pleural   EFFUSION /left", "Pleural Effusion"),                       # case and whitespace
+    ("CARDIAC  SHADOW/ Enlarged ", "Cardiomegaly"),                           # ... in qualifiers too
+    ("thickening/PLEURA", "Pleural Other"),
+])
+def test_qualifier_rules_case_and_whitespace_positive(term, label):
+    assert np.array_equal(data.labels_from_mesh([term]), one_hot(label))
+
+
+@pytest.mark.parametrize("term", ["Mediastinum", "Mediastinum/normal", "Cardiac Shadow", "Density",
+                                  "Density/cardiophrenic angle/left", "Thickening/spine", "Thickening",
+                                  "Lung/hypoinflation", "Pleural Effusions/left"])
+def test_terms_without_a_matching_rule_are_negative(term):
+    assert not data.labels_from_mesh([term]).any()
+
+
+def test_normal_alone_is_no_finding_only():
+    assert np.array_equal(data.labels_from_mesh(["normal"]), one_hot("No Finding"))
+    assert np.array_equal(data.labels_from_mesh([" Normal "]), one_hot("No Finding"))
+    assert np.array_equal(data.labels_from_mesh(["normal", "Cardiomegaly/mild"]), one_hot("Cardiomegaly"))
+
+
+def test_distractors_only_give_all_zeros():
+    distractors = ["Calcified Granuloma/lung/upper lobe/right", "Spine/degenerative/mild",
+                   "Technical Quality of Image Unsatisfactory ", "Aorta/tortuous", "Granuloma"]
+    y = data.labels_from_mesh(distractors)
+    assert y.shape == (14,) and y.dtype == np.float32 and not y.any()
+
+
+def test_several_majors_combine_and_trailing_space_major_maps():
+    assert np.array_equal(
+        data.labels_from_mesh(["Technical Quality of Image Unsatisfactory ", "Pneumothorax/apex/right/moderate"]),
+        one_hot("Pneumothorax"))
+    assert np.array_equal(data.labels_from_mesh(["Cardiomegaly/mild", "Pleural Effusion/bilateral", "Stents"]),
+                          one_hot("Cardiomegaly", "Pleural Effusion", "Support Devices"))
+
+
+# -------------------------------------------------------------------------------------------------- splits
+
+IDS = [f"CXR{n}" for n in range(1, 201)]
+
+
+def test_split_reports_deterministic_disjoint_covering_70_10_20():
+    splits = data.split_reports(IDS, seed=0)
+    assert splits == data.split_reports(list(reversed(IDS)), seed=0)        # same seed, any input order
+    assert splits != data.split_reports(IDS, seed=1)
+    assert tuple(splits) == SPLITS
+    assert {split: len(ids) for split, ids in splits.items()} == {"train": 140, "val": 20, "test": 40}
+    every = [rid for ids in splits.values() for rid in ids]
+    assert sorted(every) == sorted(IDS) and len(set(every)) == len(IDS)
+    assert all(ids == sorted(ids) for ids in splits.values())
+
+
+def test_assemble_keeps_all_images_of_a_report_in_one_split(tmp_path):
+    rng = np.random.default_rng(0)
+    reports, paths = [], {}
+    for n in range(1, 61):
+        majors = [str(rng.choice(["normal", "Cardiomegaly/mild", "Pleural Effusion/left", "Aorta/tortuous"]))]
+        reports.append(Report(f"CXR{n}", "Findings.", "Impression.", majors, []))
+        paths[f"CXR{n}"] = [tmp_path / f"CXR{n}_IM-{k}.png" for k in range(int(rng.integers(1, 5)))]
+    read_summary = {"reports": 60, "skipped": {}, "skipped_ids": {}}
+    dataset = data.assemble(tmp_path, reports, paths, read_summary, split_seed=3)
+    assert dataset.split_ids == data.split_reports([r.id for r in reports], 3)
+    all_samples = np.concatenate([dataset.splits[s] for s in SPLITS])
+    assert sorted(all_samples.tolist()) == list(range(len(dataset.image_paths)))   # each sample in exactly one
+    for split in SPLITS:
+        sample_reports = {reports[i].id for i in dataset.report_index[dataset.splits[split]]}
+        assert sample_reports == set(dataset.split_ids[split])
+    for i, path in enumerate(dataset.image_paths):
+        report = reports[dataset.report_index[i]]
+        assert path in paths[report.id]
+        assert np.array_equal(dataset.labels[i], data.labels_from_mesh(report.majors))
+    assert dataset.summary["splits"] == {s: len(dataset.split_ids[s]) for s in SPLITS}
+
+
+def test_assemble_without_usable_reports_raises_data_error(tmp_path):
+    with pytest.raises(data.DataError, match="no usable report"):
+        data.assemble(tmp_path, [], {}, {"reports": 3, "skipped": {"no_text": 3}, "skipped_ids": {}}, 0)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+@pytest.mark.parametrize("name, pixels, mode, expected", [
+    ("gray.png", np.full((20, 30), 200, np.uint8), None, 200),
+    ("gray_alpha.png", np.dstack([np.full((20, 30), 77, np.uint8), np.zeros((20, 30), np.uint8)]), "LA", 77),
+    ("rgb_gray.png", np.full((20, 30, 3), 123, np.uint8), None, 123),
+    ("rgb_red.png", np.full((20, 30, 3), [255, 0, 0], np.uint8), None, 76),         # 0.299 * 255
+    ("rgba_green.png", np.full((20, 30, 4), [0, 255, 0, 0], np.uint8), "RGBA", 150),  # alpha dropped
+    ("gray16_white.png", np.full((20, 30), 65535, np.uint16), None, 255),
+    ("gray16_black.png", np.zeros((20, 30), np.uint16), None, 0),
+    ("gray16_mid.png", np.full((20, 30), 128 * 257, np.uint16), None, 128),
+    ("gray.jpg", np.full((20, 30), 100, np.uint8), None, 100),
+])
+def test_load_image_formats(tmp_path, name, pixels, mode, expected):
+    path = write_png(tmp_path / name, pixels, mode)
+    if pixels.dtype == np.uint16:
+        assert Image.open(path).mode == "I;16"                                 # really a 16-bit PNG
+    image = data.load_image(path, 16)
+    assert image.shape == (16, 16) and image.dtype == np.uint8
+    tolerance = 2 if name.endswith(".jpg") else 0
+    assert np.abs(image.astype(int) - expected).max() <= tolerance
+
+
+def test_load_image_at_native_size_is_exact_and_resizing_squashes(tmp_path):
+    pixels = random_gray(1, (16, 16))
+    path = write_png(tmp_path / "noise.png", pixels)
+    assert np.array_equal(data.load_image(path, 16), pixels)
+    ramp = np.tile(np.linspace(0, 255, 40).round().astype(np.uint8), (10, 1))     # 10 x 40, left dark, right bright
+    small = data.load_image(write_png(tmp_path / "ramp.png", ramp), 8)
+    assert small.shape == (8, 8)
+    assert (np.diff(small.astype(int), axis=1) > 0).all() and (small == small[0]).all()
+
+
+@pytest.mark.xfail(strict=True, reason="data.py bug: ImageReadMode.UNCHANGED returns palette indices, not colours")
+def test_load_image_palette_png(tmp_path):
+    palette_image = Image.fromarray(np.full((20, 30), 3, np.uint8), "L").convert("P")
+    palette_image.putpalette([0, 0, 0] * 3 + [200, 200, 200] + [0, 0, 0] * 252)   # index 3 -> gray 200
+    palette_image.save(tmp_path / "palette.png")
+    assert (data.load_image(tmp_path / "palette.png", 16) == 200).all()
+
+
+def write_images(folder, count=3, seed=0):
+    return [write_png(folder / f"sub{i % 2}" / f"CXR{i}_IM-0001-1001.png", random_gray(seed + i, (24, 20)))
+            for i in range(count)]
+
+
+def test_cached_images_equal_direct_decoding_and_are_reused(tmp_path, monkeypatch):
+    paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
+    array = data.cached_images(paths, 8, cache)
+    assert array.shape == (3, 8, 8) and array.dtype == np.uint8
+    for row, path in zip(array, paths):
+        assert np.array_equal(row, data.load_image(path, 8))
+    npy = cache / "images-8.npy"
+    stamp = npy.stat().st_mtime_ns
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "load_image", lambda *args: pytest.fail("decoded again instead of using the cache"))
+        again = data.cached_images(paths, 8, cache)
+    assert np.array_equal(again, array)
+    assert npy.stat().st_mtime_ns == stamp
+    assert not list(cache.glob("*.tmp.npy"))                                     # no leftovers
+
+
+def test_cached_images_rebuilt_for_another_size(tmp_path):
+    paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
+    data.cached_images(paths, 8, cache)
+    bigger = data.cached_images(paths, 12, cache)
+    assert bigger.shape == (3, 12, 12)
+    assert np.array_equal(bigger, np.stack([data.load_image(p, 12) for p in paths]))
+
+
+def test_cached_images_rebuilt_when_a_source_file_changes(tmp_path):
+    paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
+    before = np.array(data.cached_images(paths, 8, cache))
+    new_pixels = 255 - random_gray(1, (24, 20))
+    write_png(paths[1], new_pixels)
+    stat = os.stat(paths[1])
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))   # a later modification time
+    after = data.cached_images(paths, 8, cache)
+    expected = data.load_image(paths[1], 8)
+    assert not np.array_equal(expected, before[1])
+    assert np.array_equal(after[1], expected)
+    assert np.array_equal(after[[0, 2]], before[[0, 2]])
+
+
+def test_cached_images_rebuilt_when_the_file_list_changes(tmp_path):
+    paths, cache = write_images(tmp_path / "png", count=4), tmp_path / "cache"
+    data.cached_images(paths[:3], 8, cache)
+    array = data.cached_images(paths[1:], 8, cache)
+    assert np.array_equal(array, np.stack([data.load_image(p, 8) for p in paths[1:]]))
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+TEXTS = ["The heart is mildly enlarged.", "Small left pleural effusion.", "No pneumothorax. The lungs are clear.",
+         "Moderate right apical pneumothorax.", "Patchy opacity in the left midlung, XXXX pneumonia."] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.train_tokenizer(TEXTS, vocab_size=120)
+
+
+def test_tokenizer_pad_is_zero_and_short_texts_are_right_padded(tokenizer):
+    assert tokenizer.token_to_id("[PAD]") == 0
+    tokens = data.encode_texts(tokenizer, ["No pneumothorax.", ""], max_len=12)
+    assert tokens.shape == (2, 12) and tokens.dtype == np.int64
+    ids = tokenizer.encode("No pneumothorax.").ids
+    assert 0 < len(ids) < 12 and 0 not in ids
+    assert tokens[0].tolist() == ids + [0] * (12 - len(ids))
+    assert not tokens[1].any()
+
+
+def test_tokenizer_truncates_to_max_len(tokenizer):
+    long_text = " ".join(TEXTS[:5])
+    ids = tokenizer.encode(long_text).ids
+    assert len(ids) > 8
+    assert data.encode_texts(tokenizer, [long_text], max_len=8)[0].tolist() == ids[:8]
+
+
+def test_tokenizer_json_round_trip_gives_identical_ids(tokenizer, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    reloaded = data.load_tokenizer(path)
+    texts = TEXTS[:5] + ["Unseen words: hydropneumothorax XXXX."]
+    assert np.array_equal(data.encode_texts(reloaded, texts, 16), data.encode_texts(tokenizer, texts, 16))
+    assert reloaded.get_vocab() == tokenizer.get_vocab()
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+def test_data_py_json_summary_matches_prepare(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "data.py", "--data", "demo", "--json", "--demo-reports", "60", "--data-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    summary = json.loads(lines[0])
+    assert set(summary) == {"reports", "reports_used", "images_used", "skipped", "labels", "splits"}
+    assert list(summary["labels"]) == LABELS and list(summary["splits"]) == list(SPLITS)
+    assert summary["reports"] == 60
+    assert summary["reports_used"] + sum(summary["skipped"].values()) == summary["reports"]
+    assert sum(summary["splits"].values()) == summary["reports_used"]
+    assert summary["images_used"] >= summary["reports_used"]
+
+    dataset = data.prepare("demo", tmp_path, split_seed=0, demo_reports=60, demo_seed=0)
+    assert {key: dataset.summary[key] for key in summary} == summary
+    assert len(dataset.image_paths) == summary["images_used"]
+    cached = np.load(dataset.root / "cache" / "images-128.npy", mmap_mode="r")          # default --image-size
+    assert cached.shape == (summary["images_used"], 128, 128)

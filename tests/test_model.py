@@ -1,0 +1,100 @@
+"""Model: the KL, the reparameterisation, the loss parts of each method, and image-only inference."""
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from model import METHODS, VKD, VKDConfig, TextEncoder, gaussian_kl, reparameterize
+
+SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2, text_layers=1)
+
+
+def batch(B=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 1, size, size, generator=g)
+    t = torch.randint(1, 50, (B, 12), generator=g)
+    t[:, 8:] = 0                                                  # padding
+    y = (torch.rand(B, 14, generator=g) < 0.3).float()
+    return x, t, y
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu_q, mu_p = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    logvar_q, logvar_p = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    expected = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()), Normal(mu_p, (0.5 * logvar_p).exp())).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu_q, logvar_q, mu_p, logvar_p), expected)
+    # direction matters: KL(q || p) != KL(p || q) in general (the authors' code had it reversed)
+    assert not torch.allclose(gaussian_kl(mu_p, logvar_p, mu_q, logvar_q), expected)
+    assert torch.allclose(gaussian_kl(mu_q, logvar_q, mu_q, logvar_q), torch.zeros(5), atol=1e-6)
+
+
+def test_reparameterize_moments_and_gradients():
+    torch.manual_seed(0)
+    mu = torch.tensor([[1.5, -2.0]], requires_grad=True)
+    logvar = torch.tensor([[0.0, 2 * torch.log(torch.tensor(3.0)).item()]], requires_grad=True)  # sigma = 1, 3
+    z = reparameterize(mu, logvar, num_samples=200_000)                    # (S, 1, 2)
+    assert z.shape == (200_000, 1, 2)
+    torch.testing.assert_close(z.mean(0), mu.detach(), atol=0.03, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([[1.0, 3.0]]), atol=0.03, rtol=0)
+    z.sum().backward()
+    assert mu.grad is not None and logvar.grad is not None
+    assert torch.all(mu.grad == 200_000)                                   # dz/dmu = 1 per sample
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_parts_per_method(method):
+    torch.manual_seed(0)
+    model = VKD(VKDConfig(method=method, **SMALL))
+    x, t, y = batch()
+    parts = model(x, t, y, beta=0.5, prior_weight=2.0)
+    assert set(parts) == {"loss", "bce_posterior", "bce_prior", "kl"}
+    if method == "vkd":
+        expected = parts["bce_posterior"] + 2.0 * parts["bce_prior"] + 0.5 * parts["kl"]
+        torch.testing.assert_close(parts["loss"], expected)
+        assert parts["kl"] > 0
+    elif method == "image":
+        assert model.text_encoder is None and parts["kl"] == 0 and parts["bce_posterior"] == 0
+    else:
+        assert parts["bce_prior"] == 0 and parts["kl"] == 0
+    parts["loss"].backward()
+    assert model.image_encoder.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_predict_never_runs_the_text_encoder():
+    model = VKD(VKDConfig(method="vkd", **SMALL)).eval()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder ran at inference")
+    model.text_encoder.forward = refuse
+    model.posterior.forward = refuse
+    x, t, y = batch()
+    p, std = model.predict(x)
+    assert p.shape == (6, 14) and torch.all((p > 0) & (p < 1)) and torch.all(std == 0)
+    p_s, std_s = model.predict(x, num_samples=16)
+    assert p_s.shape == (6, 14) and torch.all(std_s > 0)
+    with pytest.raises(AssertionError, match="text encoder ran"):
+        model(x, t, y)                                                     # while training it must run
+
+
+def test_text_encoder_ignores_padding_and_other_reports():
+    torch.manual_seed(0)
+    encoder = TextEncoder(VKDConfig(**SMALL)).eval()
+    _, t, _ = batch()
+    h = encoder(t)
+    changed = t.clone()
+    changed[:, 10] = 0                       # already padding: nothing changes
+    torch.testing.assert_close(encoder(changed), h)
+    other = t.clone()
+    other[1:] = torch.randint(1, 50, other[1:].shape)   # other reports of the batch change
+    other[1:, 8:] = 0
+    torch.testing.assert_close(encoder(other)[0], h[0])  # attention stays within one report
+    shifted = t.clone()
+    shifted[0, :8] = t[0, :8].flip(0)        # same tokens, other order: positions matter
+    assert not torch.allclose(encoder(shifted)[0], h[0])
+
+
+def test_torchvision_backbone_runs_on_gray_images():
+    model = VKD(VKDConfig(method="image", backbone="resnet18", **SMALL))
+    x, t, y = batch(B=2, size=64)
+    p, _ = model.predict(x.expand(2, 1, 64, 64))
+    assert p.shape == (2, 14)
