@@ -138,10 +138,11 @@ def iter_report_files(source):
         for path in sorted(source.glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
             yield str(path), path.read_bytes()
         return
-    with tarfile.open(source, "r:*") as archive:
-        for member in archive:
-            if member.isfile() and member.name.endswith(".xml"):
-                yield f"{source}:{member.name}", archive.extractfile(member).read()
+    with tarfile.open(source, "r:*") as archive:                # members are read, never extracted
+        files = [(member.name, archive.extractfile(member).read()) for member in archive
+                 if member.isfile() and member.name.endswith(".xml")]
+    for name, xml_bytes in sorted(files, key=lambda f: (len(Path(f[0]).stem), Path(f[0]).stem)):
+        yield f"{source}:{name}", xml_bytes                      # same order as a folder: 1, 2, ..., 10, ...
 
 
 def find_images(root):

@@ -80,12 +80,11 @@ def report_xml(number, findings="", impression="", comparison="None.", indicatio
 </eCitation>"""
 
 
-def write_png(path, pixels, mode=None):
-    """Write an array as PNG (or JPEG, by suffix) with PIL; creates parent folders."""
+def write_png(path, pixels):
+    """Write an array with PIL: (H, W) uint8 -> L, uint16 -> I;16, (H, W, 2/3/4) -> LA/RGB/RGBA; .jpg -> JPEG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(pixels, mode) if mode else Image.fromarray(pixels)
-    image.save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    Image.fromarray(pixels).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
     return path
 
 
@@ -127,8 +126,9 @@ CASES = {
                      image_ids=["CXR2000_IM-0650-1001-missing"]),                 # listed, but no PNG on disk
 }
 MALFORMED = "<?xml version='1.0' encoding='utf-8'?>\n<eCitation>\n   <uId id=\"CXR5\"/>\n   <MeSH><major>normal"
-EXPECTED_SKIPPED_IDS = {"malformed_xml": ["5.xml"], "duplicate_id": ["CXR1"], "no_indexing": ["CXR39"],
-                        "no_text": ["CXR16"], "no_image": ["CXR156", "CXR2000"]}
+SKIPPED_IDS = {"duplicate_id": ["CXR1"], "no_indexing": ["CXR39"], "no_text": ["CXR16"],
+               "no_image": ["CXR156", "CXR2000"]}                 # and malformed_xml: 5.xml, listed by its path
+SKIPPED_COUNTS = {"malformed_xml": 1, "duplicate_id": 1, "no_indexing": 1, "no_text": 1, "no_image": 2}
 USED_IDS = ["CXR1", "CXR3", "CXR9", "CXR64", "CXR846", "CXR1000"]
 
 
@@ -218,8 +218,8 @@ def test_read_openi_skip_rules_and_samples(collection):
     used, paths, summary = data.read_openi(reports_dir, images_dir)
     assert [r.id for r in used] == USED_IDS                                  # folder order: 1, 3, 9, ..., 1000
     assert summary["reports"] == len(CASES) + 1
-    assert summary["skipped_ids"] == EXPECTED_SKIPPED_IDS
-    assert summary["skipped"] == {reason: len(ids) for reason, ids in EXPECTED_SKIPPED_IDS.items()}
+    assert summary["skipped_ids"] == {"malformed_xml": [str(reports_dir / "5.xml")], **SKIPPED_IDS}
+    assert summary["skipped"] == SKIPPED_COUNTS
     assert len(used) + sum(summary["skipped"].values()) == summary["reports"]
     # the first CXR1 (1.xml) is the one kept, not the duplicate in 1900.xml
     assert used[0].text.startswith(NORMAL_FINDINGS)
@@ -253,7 +253,7 @@ def test_read_openi_from_tgz_equals_folder(collection, tmp_path):
     assert paths_tgz == paths_dir
     assert summary_tgz["reports"] == summary_dir["reports"] and summary_tgz["skipped"] == summary_dir["skipped"]
     assert summary_tgz["skipped_ids"]["malformed_xml"] == [f"{tgz}:ecgen-radiology/5.xml"]
-    for reason in ("duplicate_id", "no_indexing", "no_text", "no_image"):
+    for reason in SKIPPED_IDS:
         assert sorted(summary_tgz["skipped_ids"][reason]) == sorted(summary_dir["skipped_ids"][reason])
 
 
@@ -263,7 +263,7 @@ def test_prepare_openi_reads_the_tgz_from_data_dir(collection, tmp_path):
     os.rename(reports_dir, tmp_path / "xml-elsewhere")                      # only the .tgz remains
     dataset = data.prepare("openi", tmp_path, split_seed=0)
     assert sorted(r.id for r in dataset.reports) == sorted(USED_IDS)
-    assert dataset.summary["skipped"] == {reason: len(ids) for reason, ids in EXPECTED_SKIPPED_IDS.items()}
+    assert dataset.summary["skipped"] == SKIPPED_COUNTS
 
 
 def test_prepare_openi_without_files_says_what_to_download(tmp_path):
@@ -271,8 +271,6 @@ def test_prepare_openi_without_files_says_what_to_download(tmp_path):
         data.prepare("openi", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="data.py bug: .tgz members are read in archive order, the folder in "
-                                       "numeric order, so sample order (and training) differs between the two")
 def test_read_openi_tgz_keeps_the_folder_reading_order(collection, tmp_path):
     reports_dir, images_dir = collection
     tgz = make_tgz(reports_dir, tmp_path / "NLMCXR_reports.tgz")
@@ -417,21 +415,22 @@ def test_assemble_without_usable_reports_raises_data_error(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ images
 
-@pytest.mark.parametrize("name, pixels, mode, expected", [
-    ("gray.png", np.full((20, 30), 200, np.uint8), None, 200),
-    ("gray_alpha.png", np.dstack([np.full((20, 30), 77, np.uint8), np.zeros((20, 30), np.uint8)]), "LA", 77),
-    ("rgb_gray.png", np.full((20, 30, 3), 123, np.uint8), None, 123),
-    ("rgb_red.png", np.full((20, 30, 3), [255, 0, 0], np.uint8), None, 76),         # 0.299 * 255
-    ("rgba_green.png", np.full((20, 30, 4), [0, 255, 0, 0], np.uint8), "RGBA", 150),  # alpha dropped
-    ("gray16_white.png", np.full((20, 30), 65535, np.uint16), None, 255),
-    ("gray16_black.png", np.zeros((20, 30), np.uint16), None, 0),
-    ("gray16_mid.png", np.full((20, 30), 128 * 257, np.uint16), None, 128),
-    ("gray.jpg", np.full((20, 30), 100, np.uint8), None, 100),
+@pytest.mark.parametrize("name, pixels, expected", [
+    ("gray.png", np.full((20, 30), 200, np.uint8), 200),
+    ("gray_alpha.png", np.full((20, 30, 2), [77, 0], np.uint8), 77),
+    ("rgb_gray.png", np.full((20, 30, 3), 123, np.uint8), 123),
+    ("rgb_red.png", np.full((20, 30, 3), [255, 0, 0], np.uint8), 76),                # 0.299 * 255
+    ("rgba_green.png", np.full((20, 30, 4), [0, 255, 0, 0], np.uint8), 150),         # 0.587 * 255, alpha dropped
+    ("gray16_white.png", np.full((20, 30), 65535, np.uint16), 255),
+    ("gray16_black.png", np.zeros((20, 30), np.uint16), 0),
+    ("gray16_mid.png", np.full((20, 30), 128 * 257, np.uint16), 128),
+    ("gray.jpg", np.full((20, 30), 100, np.uint8), 100),
 ])
-def test_load_image_formats(tmp_path, name, pixels, mode, expected):
-    path = write_png(tmp_path / name, pixels, mode)
+def test_load_image_formats(tmp_path, name, pixels, expected):
+    path = write_png(tmp_path / name, pixels)
     if pixels.dtype == np.uint16:
-        assert Image.open(path).mode == "I;16"                                 # really a 16-bit PNG
+        with Image.open(path) as written:
+            assert written.mode == "I;16"                                      # really a 16-bit PNG
     image = data.load_image(path, 16)
     assert image.shape == (16, 16) and image.dtype == np.uint8
     tolerance = 2 if name.endswith(".jpg") else 0
@@ -448,9 +447,8 @@ def test_load_image_at_native_size_is_exact_and_resizing_squashes(tmp_path):
     assert (np.diff(small.astype(int), axis=1) > 0).all() and (small == small[0]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="data.py bug: ImageReadMode.UNCHANGED returns palette indices, not colours")
-def test_load_image_palette_png(tmp_path):
-    palette_image = Image.fromarray(np.full((20, 30), 3, np.uint8), "L").convert("P")
+def test_load_image_palette_png_gives_colours_not_indices(tmp_path):
+    palette_image = Image.new("P", (30, 20), 3)                                  # every pixel is index 3
     palette_image.putpalette([0, 0, 0] * 3 + [200, 200, 200] + [0, 0, 0] * 252)   # index 3 -> gray 200
     palette_image.save(tmp_path / "palette.png")
     assert (data.load_image(tmp_path / "palette.png", 16) == 200).all()
