@@ -151,7 +151,7 @@ def find_images(root):
 
 
 @dataclass
-class XrayData:
+class Collection:
     """A prepared collection: one row per image (a sample), each carrying its report's labels and text."""
     root: Path
     reports: list           # used reports, in reading order
@@ -214,7 +214,7 @@ def split_hash(split_ids):
 
 
 def assemble(root, reports, paths, read_summary, split_seed):
-    """Used reports + their image paths -> XrayData with samples, labels and splits."""
+    """Used reports + their image paths -> Collection with samples, labels and splits."""
     if not reports:
         raise DataError(f"no usable report under {root}: skipped {read_summary['skipped']}")
     image_paths, report_index, labels = [], [], []
@@ -240,7 +240,7 @@ def assemble(root, reports, paths, read_summary, split_seed):
     }
     per_split = {split: {name: int(report_labels[report_split == split, k].sum()) for k, name in enumerate(LABELS)}
                  for split in SPLITS}
-    return XrayData(
+    return Collection(
         root=Path(root), reports=reports, image_paths=image_paths, report_index=report_index,
         labels=np.stack(labels), splits={s: np.flatnonzero(sample_split == s) for s in SPLITS},
         split_ids=split_ids, summary=summary | {"labels_per_split": per_split,
@@ -279,9 +279,9 @@ def encode_texts(tokenizer, texts, max_len):
     return tokens
 
 
-def sample_tokens(data, tokenizer, max_len):
+def sample_tokens(collection, tokenizer, max_len):
     """(N, max_len) token ids of each sample's report (reports are tokenised once, then indexed)."""
-    return encode_texts(tokenizer, data.texts(), max_len)[data.report_index]
+    return encode_texts(tokenizer, collection.texts(), max_len)[collection.report_index]
 
 
 # ----------------------------------------------------------------------------------------- image cache
@@ -348,7 +348,7 @@ def openi_sources(data_dir):
 
 
 def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0):
-    """Read a collection (generating the demo first if needed) -> XrayData. Images are not decoded here."""
+    """Read a collection (generating the demo first if needed) -> Collection. Images are not decoded here."""
     if data == "demo":
         root = make_demo(Path(data_dir) / f"demo-{demo_reports}-seed{demo_seed}", demo_reports, demo_seed)
         reports_source, images_root = root / "ecgen-radiology", root / "NLMCXR_png"
@@ -386,15 +386,15 @@ def main():
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object (default: off)")
     args = parser.parse_args()
     try:
-        data = prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+        collection = prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
     except DataError as error:
         sys.exit(f"error: {error}")
-    cached_images(data.image_paths, args.image_size, data.root / "cache")
-    summary = {k: data.summary[k] for k in ("reports", "reports_used", "images_used", "skipped", "labels", "splits")}
+    cached_images(collection.image_paths, args.image_size, collection.root / "cache")
+    summary = {k: collection.summary[k] for k in ("reports", "reports_used", "images_used", "skipped", "labels", "splits")}
     if args.json:
         print(json.dumps(summary))
     else:
-        print_summary(data.summary)
+        print_summary(collection.summary)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data as data_module
+import data
 from data import LABELS
 from model import VKD, VKDConfig
 
@@ -132,22 +132,22 @@ def predict(model, images, tokens, indices, config, device, batch_size=256, num_
 def load_split(checkpoint, checkpoint_path, split, data_dir=None):
     """Rebuild the checkpoint's collection and split -> (images, tokens or None, labels, groups, indices)."""
     config = checkpoint["config"]
-    collection = data_module.prepare(config["data"], data_dir or config["data_dir"], config["split_seed"],
+    collection = data.prepare(config["data"], data_dir or config["data_dir"], config["split_seed"],
                                      config["demo_reports"], config["demo_seed"])
-    if data_module.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
-        raise data_module.DataError(f"the {config['data']} collection under {data_dir or config['data_dir']} gives "
+    if data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
+        raise data.DataError(f"the {config['data']} collection under {data_dir or config['data_dir']} gives "
                                     f"a different split than the one {checkpoint_path} was trained on")
-    images = data_module.cached_images(collection.image_paths, config["image_size"], collection.root / "cache")
+    images = data.cached_images(collection.image_paths, config["image_size"], collection.root / "cache")
     tokens = None
     if checkpoint["model_config"]["method"] == "text":
-        tokenizer = data_module.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")
-        tokens = data_module.sample_tokens(collection, tokenizer, checkpoint["model_config"]["max_len"])
+        tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")
+        tokens = data.sample_tokens(collection, tokenizer, checkpoint["model_config"]["max_len"])
     indices = collection.splits[split]
     return images, tokens, collection.labels, collection.report_index, indices
 
 
 def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_dir=None):
-    """-> (labels (N, K), probabilities (N, K), report groups (N,)) of a checkpoint on one split."""
+    """-> (labels (N, K), probabilities (N, K), report groups (N,), checkpoint dict) of a checkpoint on one split."""
     model, checkpoint = load_checkpoint(path, device)
     images, tokens, labels, groups, indices = load_split(checkpoint, path, split, data_dir)
     p, _ = predict(model, images, tokens, indices, checkpoint["config"], device, num_samples=num_samples)
@@ -160,16 +160,21 @@ def metrics_report(y, p, groups, num_resamples=1000, seed=0):
     ci = bootstrap(y, [p], groups, num_resamples, seed)[0]
     return {
         "num_images": int(len(y)), "num_reports": int(len(np.unique(groups))),
-        "per_label": {name: {"auroc": None if np.isnan(a) else float(a), "ci95": c, "positives": int(y[:, k].sum())}
+        "per_label": {name: {"auroc": none_if_nan(a), "ci95": c, "positives": int(y[:, k].sum())}
                       for k, (name, a, c) in enumerate(zip(LABELS, s["per_label"], ci["per_label_ci"]))},
-        "macro_auroc": s["macro"], "macro_ci95": ci["macro_ci"], "micro_auroc": s["micro"], "micro_ci95": ci["micro_ci"],
+        "macro_auroc": none_if_nan(s["macro"]), "macro_ci95": ci["macro_ci"],
+        "micro_auroc": none_if_nan(s["micro"]), "micro_ci95": ci["micro_ci"],
         "labels_skipped_in_macro": [name for name, ok in zip(LABELS, s["defined"]) if not ok],
     }
 
 
+def none_if_nan(value):
+    return None if np.isnan(value) else float(value)
+
+
 def format_metrics(metrics, title):
     def cell(value, ci):
-        return "   n/a (one class only)" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        return "  n/a (undefined: one class only)" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     lines = [title, f"{'label':28s} {'positives':>9s}  AUROC [95% CI]"]
     for name, m in metrics["per_label"].items():
         lines.append(f"{name:28s} {m['positives']:9d}  {cell(m['auroc'], m['ci95'])}")
@@ -187,7 +192,7 @@ def main():
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (required)")
     parser.add_argument("--compare", default=None, help="a second checkpoint: paired bootstrap of its macro AUROC "
                                                         "minus --ckpt's on the same split (default: none)")
-    parser.add_argument("--split", default="test", choices=data_module.SPLITS, help="split (default: test)")
+    parser.add_argument("--split", default="test", choices=data.SPLITS, help="split (default: test)")
     parser.add_argument("--samples", type=int, default=0,
                         help="prior samples averaged per image; 0 uses the prior mean (default: 0)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
@@ -202,11 +207,11 @@ def main():
             y_b, p_b, groups_b, _ = evaluate_checkpoint(args.compare, args.split, args.device, args.samples,
                                                         args.data_dir)
             if not (np.array_equal(y, y_b) and np.array_equal(groups, groups_b)):
-                raise data_module.DataError(f"{args.ckpt} and {args.compare} were not trained on the same split")
+                raise data.DataError(f"{args.ckpt} and {args.compare} were not trained on the same split")
             result = {"a": result, "b": metrics_report(y_b, p_b, groups_b, args.bootstrap),
                       "paired": bootstrap(y, [p, p_b], groups, args.bootstrap)[1]}
             result["paired"]["macro_difference"] = result["b"]["macro_auroc"] - result["a"]["macro_auroc"]
-    except (data_module.DataError, FileNotFoundError) as error:
+    except (data.DataError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     if args.json:
         print(json.dumps(result, indent=1))

@@ -11,6 +11,7 @@ Notation (van Sonsbeek et al., IPMI 2021): x image, t report text, y the 14 labe
 Methods sharing this code: `vkd` (the above plus a BCE on prior samples), `image` (BCE on f(mu_p(x)) only: the
 baseline VKD must beat), `text` (BCE on posterior samples only: an upper bound that reads the report).
 """
+import re
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,8 @@ class TorchvisionEncoder(nn.Module):
         net = getattr(torchvision.models, name)(weights=None)
         if weights_path:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            # torchvision's published densenet files use old key names ("norm.1" for "norm1")
+            state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.(\d)", r"\1\2", k): v for k, v in state.items()}
             net.load_state_dict(state)
         if name.startswith("resnet"):
             self.out_dim, net.fc = net.fc.in_features, nn.Identity()
@@ -178,7 +181,8 @@ class VKD(nn.Module):
         return self.posterior(torch.cat([h_x, h_t], dim=-1))                 # fusion by concatenation
 
     def forward(self, x, t, y, beta=1.0, prior_weight=1.0, num_samples=1):
-        """Loss parts for one batch. x (B, 1, H, W) float, t (B, T) token ids, y (B, K) in {0, 1}.
+        """Loss parts for one batch. x (B, 1, H, W) float, t (B, T) token ids, y (B, K) in {0, 1};
+        beta a float or a 0-dim tensor.
 
         vkd:   loss = BCE(f(z_q)) + prior_weight * BCE(f(z_p)) + beta * KL(q || p),  z_q ~ q(z|x,t), z_p ~ p(z|x)
                The first and last terms are the negative ELBO (eq. 1). The middle term trains the prior path

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data as data_module
+import data
 import evaluate
 from data import LABELS
 from model import METHODS, VKD, VKDConfig, describe
@@ -32,15 +32,15 @@ from model import METHODS, VKD, VKDConfig, describe
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    data_module.add_data_args(parser)
+    data.add_data_args(parser)
     add = parser.add_argument
     add("--method", default="vkd", choices=METHODS, help="vkd, image (baseline) or text (upper bound) (default: vkd)")
-    add("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    add("--epochs", type=int, default=None, help="training epochs (default: 12, or the resumed run's)")
     add("--batch-size", type=int, default=64, help="images per step (default: 64)")
     add("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: 2e-3)")
     add("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     add("--warmup-steps", type=int, default=30, help="linear learning-rate warm-up steps (default: 30)")
-    add("--beta", type=float, default=1.0, help="weight of KL(q || p) after annealing (default: 1.0)")
+    add("--beta", type=float, default=0.1, help="weight of KL(q || p) after annealing (default: 0.1)")
     add("--beta-warmup-epochs", type=float, default=3, help="epochs over which beta rises from 0 (default: 3)")
     add("--prior-weight", type=float, default=1.0, help="lambda: weight of the BCE on prior samples (default: 1.0)")
     add("--latent-samples", type=int, default=1, help="L: reparameterised samples per image (default: 1)")
@@ -60,6 +60,7 @@ def get_args(argv=None):
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
         help="autocast: auto = bf16 on CUDA, off on CPU (default: auto)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--channels-last", action="store_true", help="channels_last memory format, faster convs on GPUs (default: off)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples for test intervals (default: 1000)")
     add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>)")
     add("--resume", action="store_true", help="continue from <out>/last.pt with its saved config (default: off)")
@@ -139,65 +140,86 @@ def environment(device):
 
 # ------------------------------------------------------------------------------------------------- train
 
-def train(args):
-    out = Path(args.out)
-    start_time = time.time()
-    checkpoint = None
-    if args.resume:
-        last = out / "last.pt"
-        if not last.exists():
-            raise data_module.DataError(f"--resume: {last} does not exist")
-        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
-        epochs, stop_after = args.epochs, args.stop_after
-        args = argparse.Namespace(**checkpoint["config"])
-        args.epochs, args.stop_after = epochs, stop_after
-        print(f"resuming {last} at epoch {checkpoint['epoch'] + 1}/{args.epochs} with its saved config")
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    amp = ("bf16" if device.type == "cuda" else "off") if args.amp == "auto" else args.amp
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def resume_args(args):
+    """For --resume: the run's saved config (with --epochs/--stop-after of this command) and its last.pt."""
+    last = Path(args.out) / "last.pt"
+    if not last.exists():
+        raise data.DataError(f"--resume: {last} does not exist; pass the --out of the run to continue")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    saved = argparse.Namespace(**checkpoint["config"])
+    saved.epochs = args.epochs or saved.epochs
+    saved.stop_after, saved.resume = args.stop_after, True
+    print(f"resuming {last} at epoch {checkpoint['epoch'] + 2}/{saved.epochs} with its saved config")
+    return saved, checkpoint
 
-    # data: read reports, split by report, tokenizer from the training split only, cached images
-    collection = data_module.prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+
+def load_data(args, out, checkpoint):
+    """Collection, tokenizer (trained on the training split's reports only) and the image cache."""
+    collection = data.prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+    split_sha256 = data.split_hash(collection.split_ids)
+    if checkpoint is not None and checkpoint["split_sha256"] != split_sha256:
+        raise data.DataError(f"the data under {args.data_dir} now give a different split than {out}/last.pt "
+                             f"was trained on; resume with the original data or start a new --out")
     (out / "splits.json").write_text(json.dumps({"split_seed": args.split_seed} | collection.split_ids))
     tokenizer_path = out / "tokenizer.json"
     if checkpoint is None:
-        train_texts = [collection.reports[i].text for i in np.unique(collection.report_index[collection.splits["train"]])]
-        data_module.train_tokenizer(train_texts, args.vocab_size).save(str(tokenizer_path))
-    tokenizer = data_module.load_tokenizer(tokenizer_path)
-    images_np = data_module.cached_images(collection.image_paths, args.image_size, collection.root / "cache")
+        train_reports = np.unique(collection.report_index[collection.splits["train"]])
+        data.train_tokenizer([collection.reports[i].text for i in train_reports], args.vocab_size).save(
+            str(tokenizer_path))
+    tokenizer = data.load_tokenizer(tokenizer_path)
+    cache = data.cached_images(collection.image_paths, args.image_size, collection.root / "cache")
+    return collection, split_sha256, tokenizer, cache
+
+
+def train(args):
+    start_time = time.time()
+    checkpoint = None
+    if args.resume:
+        args, checkpoint = resume_args(args)
+    args.epochs = args.epochs or 12
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    amp = ("bf16" if device.type == "cuda" else "off") if args.amp == "auto" else args.amp
+    if amp == "fp16" and device.type != "cuda":
+        raise data.DataError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":                         # let cuDNN pick kernels for our fixed shapes; TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    collection, split_sha256, tokenizer, cache = load_data(args, out, checkpoint)
     train_idx, val_idx = collection.splits["train"], collection.splits["val"]
     if checkpoint is None:
-        train_pixels = images_np[train_idx].astype(np.float32) / 255.0
+        train_pixels = cache[train_idx].astype(np.float32) / 255.0
         args.pixel_mean, args.pixel_std = float(train_pixels.mean()), float(train_pixels.std())
     # the whole cache is small enough to hold as one tensor on the device; batches are gathered by indexing it
-    images = torch.from_numpy(np.array(images_np)).to(device)                              # (N, S, S) uint8
-    tokens = torch.from_numpy(data_module.sample_tokens(collection, tokenizer, args.max_len)).to(device)  # (N, T)
-    labels = torch.from_numpy(collection.labels).to(device)                               # (N, K)
-    missing = [LABELS[k] for k in range(len(LABELS)) if collection.labels[train_idx, k].sum() == 0]
+    images = torch.from_numpy(np.array(cache)).to(device)                                    # (N, S, S) uint8
+    tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len)).to(device)  # (N, T)
+    labels = torch.from_numpy(collection.labels).to(device)                                   # (N, K)
+    missing = [name for k, name in enumerate(LABELS) if collection.labels[train_idx, k].sum() == 0]
     if missing:
         print(f"warning: no positive training sample for {', '.join(missing)}")
+    steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
+    if steps_per_epoch == 0:
+        raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
 
     model_config = VKDConfig(num_labels=len(LABELS), latent_dim=args.latent_dim, backbone=args.backbone,
                              cnn_width=args.cnn_width, vocab_size=tokenizer.get_vocab_size(), max_len=args.max_len,
                              text_dim=args.text_dim, text_layers=args.text_layers, dropout=args.dropout,
                              method=args.method)
     model = VKD(model_config, args.backbone_weights).to(device)
-    if device.type == "cuda":
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    total_steps = steps_per_epoch * args.epochs
+    beta_warmup_steps = int(args.beta_warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, total_steps, args.lr, args.warmup_steps),
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "off" else nullcontext())
     forward = torch.compile(model) if args.compile else model
-    steps_per_epoch = len(train_idx) // args.batch_size                                 # drop_last: static shapes
-    total_steps = steps_per_epoch * args.epochs
-    beta_warmup_steps = int(args.beta_warmup_epochs * steps_per_epoch)
-    start_epoch, step, best_auroc = 0, 0, -1.0
+    start_epoch, step, best_auroc = 0, 0, -math.inf
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -208,10 +230,14 @@ def train(args):
     run_record = {"config": config, "environment": environment(device), "model": describe(model),
                   "data": collection.summary, "amp": amp}
     (out / "run.json").write_text(json.dumps(run_record, indent=1))
-    print(f"{args.method} on {args.data}: {len(train_idx)} train / {len(val_idx)} val images, "
+    skipped = ", ".join(f"{reason} {n}" for reason, n in collection.summary["skipped"].items() if n)
+    print(f"{args.method} on {args.data}: {collection.summary['reports_used']} of {collection.summary['reports']} "
+          f"reports used (skipped: {skipped or 'none'}); {len(train_idx)} train / {len(val_idx)} val images, "
           f"{steps_per_epoch} steps/epoch, device {device}, amp {amp}; {describe(model)}")
 
-    log = open(out / "log.jsonl", "a")
+    log_lines = (out / "log.jsonl").read_text().splitlines()[:start_epoch] if checkpoint is not None else []
+    log = open(out / "log.jsonl", "w")                 # a resumed run keeps the epochs its checkpoint has seen
+    log.writelines(line + "\n" for line in log_lines)
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     for epoch in range(start_epoch, end_epoch):
         # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them exactly.
@@ -227,9 +253,10 @@ def train(args):
             if not args.no_augment:
                 x = augment(x, augment_rng)
             x = (x - args.pixel_mean) / args.pixel_std
-            if device.type == "cuda":
+            if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            beta = beta_at(step, args.beta, beta_warmup_steps)
+            # a tensor, not a float, so that torch.compile does not recompile for every new value of beta
+            beta = torch.tensor(beta_at(step, args.beta, beta_warmup_steps), device=device)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 parts = forward(x, tokens[idx], labels[idx], beta, args.prior_weight, args.latent_samples)
@@ -238,6 +265,7 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
+            lr = optimizer.param_groups[0]["lr"]                # the rate this step used, for the log
             step += 1
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps)
@@ -248,21 +276,23 @@ def train(args):
         val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
         loss, bce_posterior, bce_prior, kl = (sums / steps_per_epoch).tolist()
         record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
-                  "bce_prior": bce_prior, "kl": kl, "beta": beta, "lr": optimizer.param_groups[0]["lr"],
-                  "val_macro_auroc": val_auroc, "images_per_s": steps_per_epoch * args.batch_size / train_time,
-                  "epoch_s": time.time() - epoch_start}
-        tqdm.write(f"epoch {epoch + 1:3d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} bce_p {bce_prior:.3f} "
-                   f"kl {kl:7.3f}) | beta {beta:.3f} | lr {record['lr']:.2e} | val macro AUROC {val_auroc:.4f} | "
-                   f"{record['images_per_s']:.0f} img/s | {record['epoch_s']:.1f}s")
+                  "bce_prior": bce_prior, "kl": kl, "beta": beta.item(), "lr": lr, "val_macro_auroc": val_auroc,
+                  "images_per_s": steps_per_epoch * args.batch_size / train_time, "epoch_s": time.time() - epoch_start}
+        tqdm.write(f"epoch {epoch + 1:3d} step {step:6d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} "
+                   f"bce_p {bce_prior:.3f} kl {kl:7.3f}) | beta {record['beta']:.3f} | lr {lr:.2e} | "
+                   f"val macro AUROC {val_auroc:.4f} | {record['images_per_s']:.0f} img/s | {record['epoch_s']:.1f}s")
         log.write(json.dumps(record) + "\n")
         log.flush()
 
-        is_best = val_auroc > best_auroc
-        best_auroc = max(best_auroc, val_auroc)
+        # best by validation macro AUROC; an undefined AUROC (no label with both classes) never wins,
+        # but the first epoch is always saved so that best.pt exists
+        score = -math.inf if math.isnan(val_auroc) else val_auroc
+        is_best = score > best_auroc or not (out / "best.pt").exists()
+        best_auroc = max(best_auroc, score)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": epoch, "step": step, "best_auroc": best_auroc, "val_macro_auroc": val_auroc,
-                 "config": config, "model_config": vars(model_config), "tokenizer": tokenizer_path.name,
-                 "split_sha256": data_module.split_hash(collection.split_ids), "rng": rng_states(device)}
+                 "config": config, "model_config": vars(model_config), "tokenizer": "tokenizer.json",
+                 "split_sha256": split_sha256, "rng": rng_states(device)}
         if is_best:
             save_checkpoint(out / "best.pt", state)
         save_checkpoint(out / "last.pt", state)
@@ -271,14 +301,8 @@ def train(args):
         print(f"stopped after epoch {end_epoch}/{args.epochs}; continue with: python train.py --out {out} --resume")
         return None
 
-    # the test split is touched once, with the checkpoint chosen on validation
-    best, best_checkpoint = evaluate.load_checkpoint(out / "best.pt", device)
-    test_idx = collection.splits["test"]
-    p, _ = evaluate.predict(best, images, tokens, test_idx, config, device)
-    metrics = evaluate.metrics_report(collection.labels[test_idx], p, collection.report_index[test_idx],
-                                      args.bootstrap)
-    metrics |= {"method": args.method, "best_epoch": best_checkpoint["epoch"] + 1,
-                "wall_s": time.time() - start_time}
+    metrics = evaluate_best(out, collection, images, tokens, config, device, args.bootstrap)
+    metrics |= {"method": args.method, "wall_s": time.time() - start_time}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     run_record["metrics"] = metrics
     (out / "run.json").write_text(json.dumps(run_record, indent=1))
@@ -287,10 +311,20 @@ def train(args):
     return metrics
 
 
+def evaluate_best(out, collection, images, tokens, config, device, num_resamples):
+    """The test split is touched once, with the checkpoint chosen on validation."""
+    model, checkpoint = evaluate.load_checkpoint(out / "best.pt", device)
+    test_idx = collection.splits["test"]
+    p, _ = evaluate.predict(model, images, tokens, test_idx, config, device)
+    metrics = evaluate.metrics_report(collection.labels[test_idx], p, collection.report_index[test_idx],
+                                      num_resamples)
+    return metrics | {"best_epoch": checkpoint["epoch"] + 1}
+
+
 def main():
     try:
         train(get_args())
-    except data_module.DataError as error:
+    except data.DataError as error:
         sys.exit(f"error: {error}")
 
 

@@ -231,15 +231,15 @@ def test_read_openi_skip_rules_and_samples(collection):
 
 def test_assemble_four_images_give_four_samples_with_the_report_labels(collection):
     reports_dir, images_dir = collection
-    dataset = data.assemble(reports_dir.parent, *data.read_openi(reports_dir, images_dir), split_seed=0)
-    per_report = {rid: int((dataset.report_index == i).sum()) for i, rid in enumerate(r.id for r in dataset.reports)}
+    collection = data.assemble(reports_dir.parent, *data.read_openi(reports_dir, images_dir), split_seed=0)
+    per_report = {rid: int((collection.report_index == i).sum()) for i, rid in enumerate(r.id for r in collection.reports)}
     assert per_report == {"CXR1": 2, "CXR3": 2, "CXR9": 2, "CXR64": 2, "CXR846": 4, "CXR1000": 3}
-    assert len(dataset.image_paths) == dataset.summary["images_used"] == 15
-    i64 = [r.id for r in dataset.reports].index("CXR64")
+    assert len(collection.image_paths) == collection.summary["images_used"] == 15
+    i64 = [r.id for r in collection.reports].index("CXR64")
     pneumothorax = np.eye(len(LABELS), dtype=np.float32)[LABELS.index("Pneumothorax")]
-    assert np.array_equal(dataset.labels[dataset.report_index == i64], np.stack([pneumothorax] * 2))
-    assert dataset.summary["labels"]["Pneumothorax"] == 1                      # counted per report, not per image
-    assert dataset.summary["labels"]["No Finding"] == 2                        # CXR1 and CXR3
+    assert np.array_equal(collection.labels[collection.report_index == i64], np.stack([pneumothorax] * 2))
+    assert collection.summary["labels"]["Pneumothorax"] == 1                      # counted per report, not per image
+    assert collection.summary["labels"]["No Finding"] == 2                        # CXR1 and CXR3
 
 
 # ----------------------------------------------------------------------------- read_openi: folder vs .tgz
@@ -261,9 +261,9 @@ def test_prepare_openi_reads_the_tgz_from_data_dir(collection, tmp_path):
     reports_dir, images_dir = collection
     make_tgz(reports_dir, tmp_path / "openi" / "NLMCXR_reports.tgz")
     os.rename(reports_dir, tmp_path / "xml-elsewhere")                      # only the .tgz remains
-    dataset = data.prepare("openi", tmp_path, split_seed=0)
-    assert sorted(r.id for r in dataset.reports) == sorted(USED_IDS)
-    assert dataset.summary["skipped"] == SKIPPED_COUNTS
+    collection = data.prepare("openi", tmp_path, split_seed=0)
+    assert sorted(r.id for r in collection.reports) == sorted(USED_IDS)
+    assert collection.summary["skipped"] == SKIPPED_COUNTS
 
 
 def test_prepare_openi_without_files_says_what_to_download(tmp_path):
@@ -394,18 +394,18 @@ def test_assemble_keeps_all_images_of_a_report_in_one_split(tmp_path):
         reports.append(Report(f"CXR{n}", "Findings.", "Impression.", majors, []))
         paths[f"CXR{n}"] = [tmp_path / f"CXR{n}_IM-{k}.png" for k in range(int(rng.integers(1, 5)))]
     read_summary = {"reports": 60, "skipped": {}, "skipped_ids": {}}
-    dataset = data.assemble(tmp_path, reports, paths, read_summary, split_seed=3)
-    assert dataset.split_ids == data.split_reports([r.id for r in reports], 3)
-    all_samples = np.concatenate([dataset.splits[s] for s in SPLITS])
-    assert sorted(all_samples.tolist()) == list(range(len(dataset.image_paths)))   # each sample in exactly one
+    collection = data.assemble(tmp_path, reports, paths, read_summary, split_seed=3)
+    assert collection.split_ids == data.split_reports([r.id for r in reports], 3)
+    all_samples = np.concatenate([collection.splits[s] for s in SPLITS])
+    assert sorted(all_samples.tolist()) == list(range(len(collection.image_paths)))   # each sample in exactly one
     for split in SPLITS:
-        sample_reports = {reports[i].id for i in dataset.report_index[dataset.splits[split]]}
-        assert sample_reports == set(dataset.split_ids[split])
-    for i, path in enumerate(dataset.image_paths):
-        report = reports[dataset.report_index[i]]
+        sample_reports = {reports[i].id for i in collection.report_index[collection.splits[split]]}
+        assert sample_reports == set(collection.split_ids[split])
+    for i, path in enumerate(collection.image_paths):
+        report = reports[collection.report_index[i]]
         assert path in paths[report.id]
-        assert np.array_equal(dataset.labels[i], data.labels_from_mesh(report.majors))
-    assert dataset.summary["splits"] == {s: len(dataset.split_ids[s]) for s in SPLITS}
+        assert np.array_equal(collection.labels[i], data.labels_from_mesh(report.majors))
+    assert collection.summary["splits"] == {s: len(collection.split_ids[s]) for s in SPLITS}
 
 
 def test_assemble_without_usable_reports_raises_data_error(tmp_path):
@@ -558,8 +558,8 @@ def test_data_py_json_summary_matches_prepare(tmp_path):
     assert sum(summary["splits"].values()) == summary["reports_used"]
     assert summary["images_used"] >= summary["reports_used"]
 
-    dataset = data.prepare("demo", tmp_path, split_seed=0, demo_reports=60, demo_seed=0)
-    assert {key: dataset.summary[key] for key in summary} == summary
-    assert len(dataset.image_paths) == summary["images_used"]
-    cached = np.load(dataset.root / "cache" / "images-128.npy", mmap_mode="r")          # default --image-size
+    collection = data.prepare("demo", tmp_path, split_seed=0, demo_reports=60, demo_seed=0)
+    assert {key: collection.summary[key] for key in summary} == summary
+    assert len(collection.image_paths) == summary["images_used"]
+    cached = np.load(collection.root / "cache" / "images-128.npy", mmap_mode="r")          # default --image-size
     assert cached.shape == (summary["images_used"], 128, 128)

@@ -1,6 +1,7 @@
 """Model: the KL, the reparameterisation, the loss parts of each method, and image-only inference."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from model import METHODS, VKD, VKDConfig, TextEncoder, gaussian_kl, reparameterize
@@ -44,20 +45,47 @@ def test_reparameterize_moments_and_gradients():
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_parts_per_method(method):
     torch.manual_seed(0)
-    model = VKD(VKDConfig(method=method, **SMALL))
+    model = VKD(VKDConfig(method=method, **SMALL)).eval()             # eval: no dropout, so parts are repeatable
     x, t, y = batch()
+    torch.manual_seed(1)
     parts = model(x, t, y, beta=0.5, prior_weight=2.0)
     assert set(parts) == {"loss", "bce_posterior", "bce_prior", "kl"}
-    if method == "vkd":
-        expected = parts["bce_posterior"] + 2.0 * parts["bce_prior"] + 0.5 * parts["kl"]
-        torch.testing.assert_close(parts["loss"], expected)
-        assert parts["kl"] > 0
-    elif method == "image":
+    # recompute each part from the encoders, drawing the same eps (posterior first, then prior)
+    h_x, mu_p, logvar_p = model.encode_prior(x)
+    torch.manual_seed(1)
+    if method == "image":
+        expected_prior = F.binary_cross_entropy_with_logits(model.classifier(mu_p), y, reduction="sum") / len(y)
+        torch.testing.assert_close(parts["bce_prior"], expected_prior)
+        torch.testing.assert_close(parts["loss"], expected_prior)
         assert model.text_encoder is None and parts["kl"] == 0 and parts["bce_posterior"] == 0
-    else:
+        return
+    mu_q, logvar_q = model.encode_posterior(h_x, t)
+    z_q = reparameterize(mu_q, logvar_q)
+    expected_posterior = F.binary_cross_entropy_with_logits(model.classifier(z_q[0]), y, reduction="sum") / len(y)
+    torch.testing.assert_close(parts["bce_posterior"], expected_posterior)
+    if method == "text":
         assert parts["bce_prior"] == 0 and parts["kl"] == 0
+        torch.testing.assert_close(parts["loss"], expected_posterior)
+        return
+    z_p = reparameterize(mu_p, logvar_p)
+    expected_prior = F.binary_cross_entropy_with_logits(model.classifier(z_p[0]), y, reduction="sum") / len(y)
+    q = Normal(mu_q, (0.5 * logvar_q).exp())
+    p = Normal(mu_p, (0.5 * logvar_p).exp())
+    expected_kl = kl_divergence(q, p).sum(-1).mean()                 # KL(q || p), not KL(p || q)
+    torch.testing.assert_close(parts["bce_prior"], expected_prior)
+    torch.testing.assert_close(parts["kl"], expected_kl)
+    torch.testing.assert_close(parts["loss"], expected_posterior + 2.0 * expected_prior + 0.5 * expected_kl)
+
+
+def test_training_step_under_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    model = VKD(VKDConfig(method="vkd", **SMALL))
+    x, t, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = model(x, t, y, beta=torch.tensor(0.5))
+    assert all(v.dtype == torch.float32 for v in parts.values())   # BCE and KL are computed in fp32
     parts["loss"].backward()
-    assert model.image_encoder.stem[0].weight.grad.abs().sum() > 0
+    assert torch.isfinite(parts["loss"]) and model.classifier.weight.grad.abs().sum() > 0
 
 
 def test_predict_never_runs_the_text_encoder():
@@ -79,22 +107,32 @@ def test_predict_never_runs_the_text_encoder():
 def test_text_encoder_ignores_padding_and_other_reports():
     torch.manual_seed(0)
     encoder = TextEncoder(VKDConfig(**SMALL)).eval()
-    _, t, _ = batch()
+    _, t, _ = batch()                                     # tokens 8..11 of every report are padding
     h = encoder(t)
-    changed = t.clone()
-    changed[:, 10] = 0                       # already padding: nothing changes
-    torch.testing.assert_close(encoder(changed), h)
+    torch.testing.assert_close(encoder(t[:, :8]), h)      # the padding does not change the features
     other = t.clone()
-    other[1:] = torch.randint(1, 50, other[1:].shape)   # other reports of the batch change
-    other[1:, 8:] = 0
+    other[1:, :8] = torch.randint(1, 50, (5, 8))          # the other reports of the batch change
     torch.testing.assert_close(encoder(other)[0], h[0])  # attention stays within one report
     shifted = t.clone()
-    shifted[0, :8] = t[0, :8].flip(0)        # same tokens, other order: positions matter
+    shifted[0, :8] = t[0, :8].flip(0)                     # same tokens, other order: positions matter
     assert not torch.allclose(encoder(shifted)[0], h[0])
 
 
-def test_torchvision_backbone_runs_on_gray_images():
-    model = VKD(VKDConfig(method="image", backbone="resnet18", **SMALL))
-    x, t, y = batch(B=2, size=64)
-    p, _ = model.predict(x.expand(2, 1, 64, 64))
+@pytest.mark.parametrize("backbone", ["resnet18", "densenet121"])
+def test_torchvision_backbone_runs_on_gray_images_and_loads_local_weights(backbone, tmp_path):
+    import torchvision
+    reference = getattr(torchvision.models, backbone)(weights=None)
+    state = reference.state_dict()
+    if backbone == "densenet121":                         # the old key names of torchvision's published file
+        state = {k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
+                 for k, v in state.items()}
+    torch.save(state, tmp_path / "weights.pth")
+    model = VKD(VKDConfig(method="image", backbone=backbone, **SMALL), backbone_weights=tmp_path / "weights.pth")
+    loaded = model.image_encoder.net.state_dict()
+    for name, tensor in reference.state_dict().items():
+        if name in loaded:                                # all but the replaced fc / classifier
+            assert torch.equal(loaded[name], tensor), name
+    assert "features.denseblock1.denselayer1.conv1.weight" in loaded or backbone == "resnet18"
+    x, _, _ = batch(B=2, size=64)
+    p, _ = model.eval().predict(x)
     assert p.shape == (2, 14)

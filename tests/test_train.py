@@ -67,18 +67,29 @@ def test_end_to_end_run_writes_everything_and_evaluate_agrees(uninterrupted):
     assert again["per_label"] == metrics["per_label"]
 
 
+def test_learning_rate_follows_the_schedule_from_the_first_step(uninterrupted):
+    tmp, _ = uninterrupted
+    log = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
+    steps_per_epoch, total = log[0]["step"], log[-1]["step"]
+    for record in log:                                 # the logged lr is the one the epoch's last step used
+        assert record["lr"] == pytest.approx(train.lr_at(record["step"] - 1, total, 2e-3, 2))
+    assert steps_per_epoch * 3 == total
+
+
 def test_resume_continues_exactly(uninterrupted):
     tmp, metrics = uninterrupted
-    common = TINY + ["--data-dir", str(tmp / "data"), "--out", str(tmp / "resumed"), "--epochs", "3"]
-    assert train.train(train.get_args(common + ["--stop-after", "1"])) is None
+    common = TINY + ["--data-dir", str(tmp / "data"), "--out", str(tmp / "resumed")]
+    assert train.train(train.get_args(common + ["--epochs", "3", "--stop-after", "1"])) is None
     torch.manual_seed(12345)                           # disturb the global RNG: resume must restore its own
-    resumed = train.train(train.get_args(common + ["--resume"]))
+    resumed = train.train(train.get_args(common + ["--resume"]))   # no --epochs: the saved 3 are kept
     a = torch.load(tmp / "run" / "last.pt", weights_only=True)
     b = torch.load(tmp / "resumed" / "last.pt", weights_only=True)
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert resumed["macro_auroc"] == metrics["macro_auroc"]
     assert resumed["per_label"] == metrics["per_label"]
+    log = [json.loads(line) for line in (tmp / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
 
 
 def test_image_and_text_methods_train(tmp_path, uninterrupted):
@@ -89,6 +100,21 @@ def test_image_and_text_methods_train(tmp_path, uninterrupted):
         metrics = train.train(args)
         assert metrics["method"] == method and 0 <= metrics["macro_auroc"] <= 1
     result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp / "run" / "best.pt"),
-                             "--compare", str(tmp_path / "image" / "best.pt"), "--bootstrap", "50"],
+                             "--compare", str(tmp_path / "image" / "best.pt"), "--bootstrap", "50", "--json"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "macro AUROC B - A" in result.stdout
+    compared = json.loads(result.stdout)
+    a = json.loads((tmp / "run" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "image" / "metrics.json").read_text())
+    assert compared["a"]["macro_auroc"] == pytest.approx(a["macro_auroc"])
+    assert compared["b"]["macro_auroc"] == pytest.approx(b["macro_auroc"])
+    assert compared["paired"]["macro_difference"] == pytest.approx(b["macro_auroc"] - a["macro_auroc"])
+    lo, hi = compared["paired"]["macro_difference_ci"]
+    assert lo <= hi and 0 <= compared["paired"]["macro_difference_p"] <= 1
+
+
+def test_bad_options_give_clear_errors(tmp_path):
+    with pytest.raises(train.data.DataError, match="does not exist"):
+        train.train(train.get_args(["--out", str(tmp_path / "nothing"), "--resume"]))
+    with pytest.raises(train.data.DataError, match="--amp fp16 needs a CUDA device"):
+        train.train(train.get_args(TINY + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "r"),
+                                           "--device", "cpu", "--amp", "fp16"]))
