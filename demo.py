@@ -8,6 +8,7 @@ report (`severity`). Strong signs are easy to see; faint ones are nearly lost in
 variation. The report always names the finding (with a severity word), so the text carries information the
 image shows only weakly, the situation in which a text-informed posterior can teach an image-only prior.
 """
+import shutil
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -16,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 PNG_SIZE = 192
+VERSION = 2          # bump when the drawing or the text changes: an existing demo folder is then redrawn
 FINDINGS = [  # (CheXpert name, prevalence among abnormal reports)
     ("Enlarged Cardiomediastinum", 0.07), ("Cardiomegaly", 0.22), ("Lung Opacity", 0.20), ("Lung Lesion", 0.12),
     ("Edema", 0.10), ("Consolidation", 0.08), ("Pneumonia", 0.08), ("Atelectasis", 0.15), ("Pneumothorax", 0.07),
@@ -159,11 +161,15 @@ def draw_xray(rng, anatomy, findings, size=PNG_SIZE):
     image += 0.10 * _sigmoid((0.05 - np.abs(u)) / 0.01)                          # spine
     for k in range(10):                                                         # ribs: arcs over each hemithorax
         arc = v - (-0.80 + 0.15 * k + anatomy["rib_phase"] + 0.35 * (np.abs(u) - 0.35) ** 2)
+        if "Fracture" in findings and k == 4:           # a break: the lateral fragment is displaced downwards
+            d, s = side["Fracture"], sev["Fracture"]
+            arc = arc - (0.03 + 0.05 * s) * _sigmoid((u * d - 0.45) / 0.005)
         rib = np.exp(-(arc / 0.022) ** 2) * _sigmoid((np.abs(u) - 0.06) / 0.02) * lung
-        if "Fracture" in findings and k == 4:                                   # a break across one rib
-            gap = np.exp(-((u - side["Fracture"] * 0.45) / 0.015) ** 2)
-            rib = rib * (1 - (0.5 + 0.5 * sev["Fracture"]) * gap * (u * side["Fracture"] > 0))
         image += 0.10 * rib
+    if "Fracture" in findings:                          # healing callus around the break
+        d, s = side["Fracture"], sev["Fracture"]
+        rib_v = -0.80 + 0.60 + anatomy["rib_phase"] + 0.35 * (0.45 - 0.35) ** 2
+        image += (0.06 + 0.12 * s) * lungs[d] * ellipse(d * 0.45, rib_v, 0.04 + 0.03 * s, 0.03 + 0.02 * s, 0.15)
     if "Pleural Effusion" in findings:                  # fluid level with a meniscus at the lung base
         d, s = side["Pleural Effusion"], sev["Pleural Effusion"]
         level = 0.50 - 0.35 * s - 0.25 * np.abs(u - d * anatomy["lung_u"]) * s
@@ -278,11 +284,13 @@ def make_demo(root, num_reports, seed):
     """
     root = Path(root)
     done = root / "COMPLETE"
-    if done.exists() and done.read_text() == f"{num_reports} {seed} {PNG_SIZE}\n":
+    stamp = f"version {VERSION}, {num_reports} reports, seed {seed}, {PNG_SIZE} px\n"
+    if done.exists() and done.read_text() == stamp:
         return root
     reports_dir, images_dir = root / "ecgen-radiology", root / "NLMCXR_png"
-    for folder in (reports_dir, images_dir):
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in (reports_dir, images_dir):            # redraw from scratch: no file of an older draw survives
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for number in tqdm(range(1, num_reports + 1), desc="drawing demo collection", unit="report"):
         findings = draw_findings(rng)
@@ -306,5 +314,5 @@ def make_demo(root, num_reports, seed):
                 Image.fromarray(draw_xray(rng, anatomy, findings)).save(images_dir / f"{image_id}.png")
         xml = write_report(rng, number, findings, image_ids, majors, findings_text, impression)
         (reports_dir / f"{number}.xml").write_text(xml, encoding="utf-8")
-    done.write_text(f"{num_reports} {seed} {PNG_SIZE}\n")
+    done.write_text(stamp)
     return root

@@ -197,6 +197,9 @@ def train(args):
     images = torch.from_numpy(np.array(cache)).to(device)                                    # (N, S, S) uint8
     tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len)).to(device)  # (N, T)
     labels = torch.from_numpy(collection.labels).to(device)                                   # (N, K)
+    truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
+    if truncated > 0.05:
+        print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
     missing = [name for k, name in enumerate(LABELS) if collection.labels[train_idx, k].sum() == 0]
     if missing:
         print(f"warning: no positive training sample for {', '.join(missing)}")

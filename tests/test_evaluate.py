@@ -84,3 +84,26 @@ def test_bootstrap_keeps_the_images_of_a_report_together():
     for idx in bootstrap_indices(groups, 20, seed=0):
         counts = np.bincount(idx, minlength=6)
         assert counts[0] == counts[1] and counts[2] == counts[3] == counts[4]
+
+
+class _Payload:
+    """Unpickling this would create a file: a stand-in for code hidden in a shared checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
+    import pickle
+
+    import torch
+
+    from evaluate import load_checkpoint
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": {}, "payload": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
