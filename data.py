@@ -35,7 +35,6 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 CACHE_VERSION = 1
 OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"
-OPENI_FILES = ("NLMCXR_reports.tgz", "NLMCXR_png.tgz")
 
 # MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches when the head
 # equals `head` and, if `qualifiers` is given, at least one of them is among the term's qualifiers.
@@ -334,26 +333,15 @@ def cached_images(image_paths, size, cache_dir):
 
 # ------------------------------------------------------------------------------------------------ entry
 
-def openi_sources(data_dir):
-    """Locate the OpenI reports (folder or .tgz) and the PNG folder under data_dir/openi."""
-    root = Path(data_dir) / "openi"
-    reports = next((p for p in (root / "ecgen-radiology", root / "NLMCXR_reports.tgz") if p.exists()), None)
-    images = root / "NLMCXR_png"
-    if reports is None or not images.is_dir():
-        raise DataError(
-            f"OpenI files not found under {root}. Download {OPENI_URL}/{OPENI_FILES[0]} and "
-            f"{OPENI_URL}/{OPENI_FILES[1]}; put the first in {root}/ (as is, or extracted to "
-            f"{root}/ecgen-radiology/) and extract the PNGs into {images}/.")
-    return root, reports, images
-
-
-def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0):
-    """Read a collection (generating the demo first if needed) -> Collection. Images are not decoded here."""
+def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0, openi_url=OPENI_URL):
+    """Read a collection (drawing the demo or downloading OpenI first if needed) -> Collection.
+    Images are not decoded here."""
     if data == "demo":
         root = make_demo(Path(data_dir) / f"demo-{demo_reports}-seed{demo_seed}", demo_reports, demo_seed)
         reports_source, images_root = root / "ecgen-radiology", root / "NLMCXR_png"
     elif data == "openi":
-        root, reports_source, images_root = openi_sources(data_dir)
+        from download import fetch_openi        # imported here: download.py itself imports DataError from here
+        root, reports_source, images_root = fetch_openi(data_dir, openi_url)
     else:
         raise DataError(f"unknown --data {data!r}: choose demo or openi")
     reports, paths, read_summary = read_openi(reports_source, images_root)
@@ -377,6 +365,7 @@ def add_data_args(parser):
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the report-level split (default: 0)")
     parser.add_argument("--demo-reports", type=int, default=1500, help="reports in the demo (default: 1500)")
     parser.add_argument("--demo-seed", type=int, default=0, help="seed that draws the demo (default: 0)")
+    parser.add_argument("--openi-url", default=OPENI_URL, help=f"where the OpenI archives are (default: {OPENI_URL})")
     parser.add_argument("--image-size", type=int, default=128, help="cached image side in px (default: 128)")
 
 
@@ -386,7 +375,8 @@ def main():
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object (default: off)")
     args = parser.parse_args()
     try:
-        collection = prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+        collection = prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed,
+                             args.openi_url)
     except DataError as error:
         sys.exit(f"error: {error}")
     cached_images(collection.image_paths, args.image_size, collection.root / "cache")

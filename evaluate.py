@@ -133,7 +133,7 @@ def load_split(checkpoint, checkpoint_path, split, data_dir=None):
     """Rebuild the checkpoint's collection and split -> (images, tokens or None, labels, groups, indices)."""
     config = checkpoint["config"]
     collection = data.prepare(config["data"], data_dir or config["data_dir"], config["split_seed"],
-                                     config["demo_reports"], config["demo_seed"])
+                              config["demo_reports"], config["demo_seed"], config.get("openi_url", data.OPENI_URL))
     if data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
         raise data.DataError(f"the {config['data']} collection under {data_dir or config['data_dir']} gives "
                                     f"a different split than the one {checkpoint_path} was trained on")

@@ -155,7 +155,8 @@ def resume_args(args):
 
 def load_data(args, out, checkpoint):
     """Collection, tokenizer (trained on the training split's reports only) and the image cache."""
-    collection = data.prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed)
+    collection = data.prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed,
+                              args.openi_url)
     split_sha256 = data.split_hash(collection.split_ids)
     if checkpoint is not None and checkpoint["split_sha256"] != split_sha256:
         raise data.DataError(f"the data under {args.data_dir} now give a different split than {out}/last.pt "

@@ -266,9 +266,18 @@ def test_prepare_openi_reads_the_tgz_from_data_dir(collection, tmp_path):
     assert collection.summary["skipped"] == SKIPPED_COUNTS
 
 
-def test_prepare_openi_without_files_says_what_to_download(tmp_path):
-    with pytest.raises(data.DataError, match="NLMCXR_reports.tgz"):
-        data.prepare("openi", tmp_path)
+def test_prepare_openi_without_files_and_offline_says_what_to_download(tmp_path, monkeypatch):
+    import socket
+
+    import download
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    with socket.socket() as probe:                  # a port on 127.0.0.1 that nothing listens on: "offline"
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(data.DataError, match="NLMCXR_reports.tgz") as error:
+        data.prepare("openi", tmp_path, openi_url=url)
+    assert f"{url}/NLMCXR_png.tgz" in str(error.value)
+    assert not (tmp_path / "openi" / "NLMCXR_reports.tgz").exists()
 
 
 def test_read_openi_tgz_keeps_the_folder_reading_order(collection, tmp_path):

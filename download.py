@@ -1,0 +1,204 @@
+"""Download and safely unpack public archives (OpenI): resumable, verified, never extracted outside its folder.
+
+data.py calls fetch_openi() for `--data openi`; everything here is also usable on its own.
+"""
+import gzip
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data import DataError
+
+OPENI_REPORTS_SIZE = 1_112_632
+OPENI_REPORTS_SHA256 = "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"
+TIMEOUT_S = 60           # per socket operation, not per file
+BACKOFF_S = 2.0          # wait before retry k is BACKOFF_S * 2**k
+CHUNK = 1 << 20
+# Worth another try: the network or the server may recover. A 4xx answer will not, so it is not retried.
+TRANSIENT = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.IncompleteRead)
+CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class DownloadError(DataError):
+    """The server could not be reached or refused the file, after all retries."""
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch_once(url, part, size):
+    """Append the rest of `url` to `part`, resuming from its current length with a Range request."""
+    start = part.stat().st_size if part.exists() else 0
+    if size is not None and start >= size:
+        return                                                  # complete (or too long: verification says so)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code != 416 or not start:
+            raise
+        total = error.headers.get("Content-Range", "").rpartition("/")[2]
+        if not total.isdigit() or int(total) == start:          # nothing left to send: the part is complete
+            return
+        part.unlink()                                           # longer than the file: not a prefix of it
+        raise ConnectionError(f"{url}: the partial download is longer than the file; starting over") from None
+    with response:
+        if start and response.status != 206:                    # the server ignored Range: start over
+            start = 0
+        elif start and not response.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
+            part.unlink()
+            raise ConnectionError(f"{url}: the server sent another range than bytes {start}-; starting over")
+        expected = int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
+        received = 0
+        with open(part, "ab" if start else "wb") as file, tqdm(
+                desc=part.name[:-len(".part")], total=start + expected if expected is not None else size,
+                initial=start, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            while chunk := response.read(CHUNK):
+                file.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if expected is not None and received < expected:            # urllib returns b"" on a cut, not an error
+        raise http.client.IncompleteRead(b"", expected - received)
+
+
+def download(url, dest, sha256=None, size=None, retries=3):
+    """Download `url` to `dest` through `dest.part`, which is resumed, verified and only then renamed.
+
+    A cut connection keeps the .part, so the next try (in this call or a later run) continues where it
+    stopped. `dest` exists only once the file is complete and matches `size` and `sha256` where given.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, part, size)
+            break
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from None
+            last_error = error
+        except TRANSIENT as error:
+            last_error = error
+        if attempt < retries:
+            time.sleep(BACKOFF_S * 2 ** attempt)
+    else:
+        kept = f"; {part} ({part.stat().st_size} bytes) is kept and resumed next time" if part.exists() else ""
+        raise DownloadError(f"{url}: failed after {retries + 1} tries ({last_error}){kept}")
+    actual_size = part.stat().st_size
+    actual_sha256 = file_sha256(part) if sha256 else None
+    if (size is not None and actual_size != size) or (sha256 and actual_sha256 != sha256.lower()):
+        part.unlink()
+        raise DataError(f"{dest.name} from {url} is not the expected file: expected {size} bytes, sha256 {sha256}; "
+                        f"got {actual_size} bytes, sha256 {actual_sha256}. It was deleted; run again, or check the URL")
+    os.replace(part, dest)
+    return dest
+
+
+def _refusal(member, target):
+    """Why `member` may not be extracted under `target`, or None when it is a plain file or folder inside."""
+    if member.issym() or member.islnk():
+        return f"is a link to {member.linkname!r}"
+    if not (member.isfile() or member.isdir()):
+        return "is a device, fifo or other special file"
+    if os.path.isabs(member.name):
+        return "has an absolute path"
+    path = os.path.normpath(os.path.join(target, member.name))
+    if path != target and not path.startswith(target + os.sep):
+        return "would land outside the target folder"
+
+
+def safe_extract(archive_path, target):
+    """Extract a .tar/.tgz into `target` (which must not exist yet), refusing any hostile member.
+
+    Every member is checked, and the whole archive read to its end (so a truncated or corrupted one is
+    found), before anything is written. Files are written into a sibling `target.partial` folder that is
+    renamed to `target` at the end, so an interrupted extraction never looks like a complete one.
+    """
+    archive_path, target = Path(archive_path), Path(target)
+    if target.exists():
+        raise DataError(f"{target} already exists; remove it to extract {archive_path} again")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tarfile.open(archive_path, "r:*") as archive:
+            members = archive.getmembers()
+            while archive.fileobj.read(CHUNK):                 # reach the gzip trailer: checks CRC and length
+                pass
+            for member in members:
+                reason = _refusal(member, os.path.abspath(partial))
+                if reason:
+                    raise DataError(f"refusing to extract {archive_path}: member {member.name!r} {reason}")
+            partial.mkdir(parents=True)
+            for member in tqdm(members, desc=f"extracting {archive_path.name}", unit="file"):
+                path = partial / member.name
+                if member.isdir():
+                    path.mkdir(parents=True, exist_ok=True)
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with archive.extractfile(member) as source, open(path, "wb") as file:
+                    shutil.copyfileobj(source, file, CHUNK)
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, CORRUPT):
+            raise DataError(f"{archive_path} is corrupt or truncated ({error!r}); delete it and download it "
+                            f"again") from None
+        raise
+    os.replace(partial, target)
+    return target
+
+
+def fetch_openi(data_dir, base_url="https://openi.nlm.nih.gov/imgs/collections", reports_sha256=OPENI_REPORTS_SHA256,
+                reports_size=OPENI_REPORTS_SIZE, images_sha256=None, images_size=None, retries=3):
+    """Make sure data_dir/openi holds the reports and the PNG folder, downloading only what is missing.
+
+    Returns (root, reports source, images folder) like openi_sources. Files a user put there by hand (the
+    .tgz archives, ecgen-radiology/ or NLMCXR_png/) are used as they are. The reports are read straight
+    from the .tgz; the PNG archive is extracted into NLMCXR_png/ (find_images searches it recursively, so
+    it does not matter whether the archive has a top folder).
+    """
+    root = Path(data_dir) / "openi"
+    reports_dir, reports_tgz = root / "ecgen-radiology", root / "NLMCXR_reports.tgz"
+    images, images_tgz = root / "NLMCXR_png", root / "NLMCXR_png.tgz"
+    wanted = []
+    if not reports_dir.is_dir() and not reports_tgz.exists():
+        wanted.append((reports_tgz, reports_sha256, reports_size))
+    if not images.is_dir() and not images_tgz.exists():
+        wanted.append((images_tgz, images_sha256, images_size))
+    for dest, sha256, size in wanted:
+        try:
+            download(f"{base_url}/{dest.name}", dest, sha256, size, retries)
+        except DownloadError as error:
+            missing = [d for d, _, _ in wanted if not d.exists()]
+            parts = [str(p) for d in missing if (p := d.with_name(d.name + ".part")).exists()]
+            raise DataError(
+                f"could not download OpenI ({error}).\nDownload by hand:\n"
+                + "".join(f"  {base_url}/{d.name}\n" for d in missing)
+                + f"and put {reports_tgz.name} in {root}/ (as is, or extracted to {reports_dir}/) and "
+                f"{images_tgz.name} in {root}/ (as is, or with its PNGs extracted into {images}/)."
+                + (f"\nPartial downloads are kept and resumed next time: {', '.join(parts)}" if parts else "")
+            ) from None
+    if not images.is_dir():
+        try:
+            safe_extract(images_tgz, images)
+        except DataError as error:
+            if images_tgz not in [dest for dest, _, _ in wanted]:
+                raise
+            images_tgz.unlink()                                 # our own download: fetch it anew next run
+            raise DataError(f"{error}. It was downloaded just now and has been deleted; run again") from None
+    return root, (reports_dir if reports_dir.is_dir() else reports_tgz), images
