@@ -137,9 +137,12 @@ def iter_report_files(source):
         for path in sorted(source.glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
             yield str(path), path.read_bytes()
         return
-    with tarfile.open(source, "r:*") as archive:                # members are read, never extracted
-        files = [(member.name, archive.extractfile(member).read()) for member in archive
-                 if member.isfile() and member.name.endswith(".xml")]
+    try:
+        with tarfile.open(source, "r:*") as archive:            # members are read, never extracted
+            files = [(member.name, archive.extractfile(member).read()) for member in archive
+                     if member.isfile() and member.name.endswith(".xml")]
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(f"{source} is not a readable .tgz ({error}); delete it and download it again") from None
     for name, xml_bytes in sorted(files, key=lambda f: (len(Path(f[0]).stem), Path(f[0]).stem)):
         yield f"{source}:{name}", xml_bytes                      # same order as a folder: 1, 2, ..., 10, ...
 
@@ -323,7 +326,12 @@ def cached_images(image_paths, size, cache_dir):
     tmp_path = cache_dir / f"images-{size}.{os.getpid()}.tmp.npy"
     array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(image_paths), size, size))
     for i, path in enumerate(tqdm(image_paths, desc=f"caching images at {size}px", unit="img")):
-        array[i] = load_image(path, size)
+        try:
+            array[i] = load_image(path, size)
+        except (OSError, ValueError) as error:              # PIL raises OSError for truncated or non-images
+            del array
+            tmp_path.unlink()
+            raise DataError(f"cannot decode image {path} ({error}); replace or remove it") from None
     array.flush()
     del array
     os.replace(tmp_path, array_path)

@@ -572,3 +572,15 @@ def test_data_py_json_summary_matches_prepare(tmp_path):
     assert len(collection.image_paths) == summary["images_used"]
     cached = np.load(collection.root / "cache" / "images-128.npy", mmap_mode="r")          # default --image-size
     assert cached.shape == (summary["images_used"], 128, 128)
+
+
+def test_a_corrupt_reports_archive_or_image_gives_a_clear_error(tmp_path):
+    bad_tgz = tmp_path / "NLMCXR_reports.tgz"
+    bad_tgz.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(data.DataError, match="NLMCXR_reports.tgz is not a readable .tgz"):
+        list(data.iter_report_files(bad_tgz))
+    bad_png = tmp_path / "CXR1_IM-0001-1001.png"
+    bad_png.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(data.DataError, match="cannot decode image .*CXR1_IM-0001-1001.png"):
+        data.cached_images([bad_png], 16, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.npy"))            # no half-written cache is left behind
