@@ -329,7 +329,6 @@ def cached_images(image_paths, size, cache_dir):
         try:
             array[i] = load_image(path, size)
         except (OSError, ValueError) as error:              # PIL raises OSError for truncated or non-images
-            del array
             tmp_path.unlink()
             raise DataError(f"cannot decode image {path} ({error}); replace or remove it") from None
     array.flush()
