@@ -15,7 +15,7 @@ import os
 import sys
 import tarfile
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +163,7 @@ class Collection:
     splits: dict            # split -> sorted sample indices
     split_ids: dict         # split -> report ids (what splits.json holds)
     summary: dict
+    label_names: list = field(default_factory=lambda: list(LABELS))   # the columns of `labels`
 
     def texts(self):
         return [report.text for report in self.reports]
@@ -355,6 +356,14 @@ def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_
     return assemble(root, reports, paths, read_summary, split_seed)
 
 
+DATA_OPTIONS = ("data", "data_dir", "split_seed", "demo_reports", "demo_seed", "openi_url")
+
+
+def prepare_from(options):
+    """prepare() from a dict holding (some of) DATA_OPTIONS, e.g. vars(args) or a checkpoint's config."""
+    return prepare(**{name: options[name] for name in DATA_OPTIONS if name in options})
+
+
 def print_summary(summary):
     print(f"reports found {summary['reports']}, used {summary['reports_used']}, images {summary['images_used']}")
     print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()))
@@ -382,8 +391,7 @@ def main():
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object (default: off)")
     args = parser.parse_args()
     try:
-        collection = prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed,
-                             args.openi_url)
+        collection = prepare_from(vars(args))
     except DataError as error:
         sys.exit(f"error: {error}")
     cached_images(collection.image_paths, args.image_size, collection.root / "cache")

@@ -132,8 +132,7 @@ def predict(model, images, tokens, indices, config, device, batch_size=256, num_
 def load_split(checkpoint, checkpoint_path, split, data_dir=None):
     """Rebuild the checkpoint's collection and split -> (images, tokens or None, labels, groups, indices)."""
     config = checkpoint["config"]
-    collection = data.prepare(config["data"], data_dir or config["data_dir"], config["split_seed"],
-                              config["demo_reports"], config["demo_seed"], config.get("openi_url", data.OPENI_URL))
+    collection = data.prepare_from(config | {"data_dir": data_dir or config["data_dir"]})
     if data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
         raise data.DataError(f"the {config['data']} collection under {data_dir or config['data_dir']} gives "
                                     f"a different split than the one {checkpoint_path} was trained on")
@@ -154,17 +153,17 @@ def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_di
     return labels[indices], p, groups[indices], checkpoint
 
 
-def metrics_report(y, p, groups, num_resamples=1000, seed=0):
+def metrics_report(y, p, groups, num_resamples=1000, seed=0, label_names=LABELS):
     """AUROC point estimates with bootstrap intervals, as a JSON-ready dict (undefined values are None)."""
     s = auroc_summary(y, p)
     ci = bootstrap(y, [p], groups, num_resamples, seed)[0]
     return {
         "num_images": int(len(y)), "num_reports": int(len(np.unique(groups))),
         "per_label": {name: {"auroc": none_if_nan(a), "ci95": c, "positives": int(y[:, k].sum())}
-                      for k, (name, a, c) in enumerate(zip(LABELS, s["per_label"], ci["per_label_ci"]))},
+                      for k, (name, a, c) in enumerate(zip(label_names, s["per_label"], ci["per_label_ci"]))},
         "macro_auroc": none_if_nan(s["macro"]), "macro_ci95": ci["macro_ci"],
         "micro_auroc": none_if_nan(s["micro"]), "micro_ci95": ci["micro_ci"],
-        "labels_skipped_in_macro": [name for name, ok in zip(LABELS, s["defined"]) if not ok],
+        "labels_skipped_in_macro": [name for name, ok in zip(label_names, s["defined"]) if not ok],
     }
 
 
@@ -201,14 +200,15 @@ def main():
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON (default: off)")
     args = parser.parse_args()
     try:
-        y, p, groups, _ = evaluate_checkpoint(args.ckpt, args.split, args.device, args.samples, args.data_dir)
-        result = metrics_report(y, p, groups, args.bootstrap)
+        y, p, groups, checkpoint = evaluate_checkpoint(args.ckpt, args.split, args.device, args.samples, args.data_dir)
+        names = checkpoint.get("label_names", LABELS)
+        result = metrics_report(y, p, groups, args.bootstrap, label_names=names)
         if args.compare:
             y_b, p_b, groups_b, _ = evaluate_checkpoint(args.compare, args.split, args.device, args.samples,
                                                         args.data_dir)
             if not (np.array_equal(y, y_b) and np.array_equal(groups, groups_b)):
                 raise data.DataError(f"{args.ckpt} and {args.compare} were not trained on the same split")
-            result = {"a": result, "b": metrics_report(y_b, p_b, groups_b, args.bootstrap),
+            result = {"a": result, "b": metrics_report(y_b, p_b, groups_b, args.bootstrap, label_names=names),
                       "paired": bootstrap(y, [p, p_b], groups, args.bootstrap)[1]}
             result["paired"]["macro_difference"] = result["b"]["macro_auroc"] - result["a"]["macro_auroc"]
     except (data.DataError, FileNotFoundError) as error:

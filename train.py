@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from data import LABELS
 from model import METHODS, VKD, VKDConfig, describe
 
 
@@ -155,8 +154,7 @@ def resume_args(args):
 
 def load_data(args, out, checkpoint):
     """Collection, tokenizer (trained on the training split's reports only) and the image cache."""
-    collection = data.prepare(args.data, args.data_dir, args.split_seed, args.demo_reports, args.demo_seed,
-                              args.openi_url)
+    collection = data.prepare_from(vars(args))
     split_sha256 = data.split_hash(collection.split_ids)
     if checkpoint is not None and checkpoint["split_sha256"] != split_sha256:
         raise data.DataError(f"the data under {args.data_dir} now give a different split than {out}/last.pt "
@@ -201,14 +199,14 @@ def train(args):
     truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
     if truncated > 0.05:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
-    missing = [name for k, name in enumerate(LABELS) if collection.labels[train_idx, k].sum() == 0]
+    missing = [name for k, name in enumerate(collection.label_names) if collection.labels[train_idx, k].sum() == 0]
     if missing:
         print(f"warning: no positive training sample for {', '.join(missing)}")
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
 
-    model_config = VKDConfig(num_labels=len(LABELS), latent_dim=args.latent_dim, backbone=args.backbone,
+    model_config = VKDConfig(num_labels=len(collection.label_names), latent_dim=args.latent_dim, backbone=args.backbone,
                              cnn_width=args.cnn_width, vocab_size=tokenizer.get_vocab_size(), max_len=args.max_len,
                              text_dim=args.text_dim, text_layers=args.text_layers, dropout=args.dropout,
                              method=args.method)
@@ -296,7 +294,7 @@ def train(args):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": epoch, "step": step, "best_auroc": best_auroc, "val_macro_auroc": val_auroc,
                  "config": config, "model_config": vars(model_config), "tokenizer": "tokenizer.json",
-                 "split_sha256": split_sha256, "rng": rng_states(device)}
+                 "split_sha256": split_sha256, "label_names": collection.label_names, "rng": rng_states(device)}
         if is_best:
             save_checkpoint(out / "best.pt", state)
         save_checkpoint(out / "last.pt", state)
@@ -321,7 +319,7 @@ def evaluate_best(out, collection, images, tokens, config, device, num_resamples
     test_idx = collection.splits["test"]
     p, _ = evaluate.predict(model, images, tokens, test_idx, config, device)
     metrics = evaluate.metrics_report(collection.labels[test_idx], p, collection.report_index[test_idx],
-                                      num_resamples)
+                                      num_resamples, label_names=collection.label_names)
     return metrics | {"best_epoch": checkpoint["epoch"] + 1}
 
 
