@@ -150,9 +150,14 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
 
 
 def bce(logits, y):
-    """-log p(y | z) summed over labels, averaged over samples and batch; logits (S, B, K) or (B, K)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), y.expand_as(logits).float(),
-                                              reduction="none").sum(-1).mean()
+    """-log p(y | z) summed over labels, averaged over samples and batch; logits (S, B, K) or (B, K).
+
+    A NaN label is not observed (an uncertain MIMIC label under --uncertain ignore): it adds nothing to the
+    loss and no gradient."""
+    y = y.expand_as(logits).float()
+    observed = ~torch.isnan(y)
+    terms = F.binary_cross_entropy_with_logits(logits.float(), torch.where(observed, y, 0.0), reduction="none")
+    return torch.where(observed, terms, 0.0).sum(-1).mean()
 
 
 # ------------------------------------------------------------------------------------------------- VKD

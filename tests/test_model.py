@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from model import METHODS, VKD, VKDConfig, TextEncoder, gaussian_kl, reparameterize
+from model import METHODS, VKD, VKDConfig, TextEncoder, bce, gaussian_kl, reparameterize
 
 SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2, text_layers=1)
 
@@ -136,3 +136,16 @@ def test_torchvision_backbone_runs_on_gray_images_and_loads_local_weights(backbo
     x, _, _ = batch(B=2, size=64)
     p, _ = model.eval().predict(x)
     assert p.shape == (2, 14)
+
+
+def test_bce_leaves_out_unobserved_labels():
+    """A NaN label (uncertain, ignored) contributes neither loss nor gradient; the others are unchanged."""
+    logits = torch.randn(2, 5, 3, requires_grad=True)                       # (S, B, K)
+    y = torch.tensor([[1.0, 0.0, float("nan")]] * 5)
+    loss = bce(logits, y)
+    expected = F.binary_cross_entropy_with_logits(logits[..., :2], y[:, :2].expand(2, 5, 2),
+                                                  reduction="none").sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[..., 2] == 0).all()
+    assert (logits.grad[..., :2] != 0).all()
