@@ -12,10 +12,13 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,11 @@ from tqdm import tqdm
 
 from demo import make_demo
 
+try:
+    import fcntl                             # file locks (POSIX); without them, two runs must not share a cache
+except ImportError:
+    fcntl = None
+
 LABELS = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -34,6 +42,7 @@ LABELS = [
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 CACHE_VERSION = 1
+CACHE_CHUNK = 1024                          # images decoded between two progress records
 OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"
 
 # MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches when the head
@@ -169,8 +178,11 @@ class Collection:
         return [report.text for report in self.reports]
 
 
-def read_openi(reports_source, images_root):
-    """Read reports and pair them with images. Returns (used reports, {report id: [paths]}, summary parts)."""
+def read_openi(reports_source, images_root, strict=False):
+    """Read reports and pair them with images. Returns (used reports, {report id: [paths]}, summary parts).
+
+    malformed_xml and duplicate_id are problems (--strict stops on them); no_indexing, no_text and no_image
+    are reports the real collection has by design, always skipped and counted."""
     images = find_images(images_root)
     used, paths, seen = [], {}, set()
     skipped = {"malformed_xml": 0, "duplicate_id": 0, "no_indexing": 0, "no_text": 0, "no_image": 0}
@@ -180,11 +192,11 @@ def read_openi(reports_source, images_root):
         found += 1
         try:
             report = parse_report(xml_bytes, name)
-        except ValueError:
-            reason, report_id = "malformed_xml", name
+        except ValueError as error:
+            reason, report_id, problem = "malformed_xml", name, str(error)
         else:
             report_paths = [images[i] for i in report.image_ids if i in images]
-            report_id = report.id
+            report_id, problem = report.id, f"{name}: report id {report.id} was already read from another file"
             if report.id in seen:
                 reason = "duplicate_id"
             elif not report.majors or {normalise_term(m) for m in report.majors} == {"no indexing"}:
@@ -198,6 +210,8 @@ def read_openi(reports_source, images_root):
                 seen.add(report.id)
                 used.append(report)
                 paths[report.id] = report_paths
+        if strict and reason in ("malformed_xml", "duplicate_id"):
+            raise DataError(f"{problem} (--strict; without it this report would be skipped and counted)")
         if reason:
             skipped[reason] += 1
             skipped_ids[reason].append(report_id)
@@ -216,38 +230,39 @@ def split_hash(split_ids):
     return hashlib.sha256(json.dumps(split_ids, sort_keys=True).encode()).hexdigest()
 
 
-def assemble(root, reports, paths, read_summary, split_seed):
-    """Used reports + their image paths -> Collection with samples, labels and splits."""
+def assemble(root, reports, report_labels, paths, read_summary, split_ids, label_names=LABELS):
+    """Used reports, their labels (R, K) and image paths -> Collection with one sample per image."""
     if not reports:
         raise DataError(f"no usable report under {root}: skipped {read_summary['skipped']}")
-    image_paths, report_index, labels = [], [], []
-    for i, report in enumerate(reports):
-        y = labels_from_mesh(report.majors)
-        for path in paths[report.id]:
-            image_paths.append(path)
-            report_index.append(i)
-            labels.append(y)
-    report_index = np.array(report_index)
-    split_ids = split_reports([r.id for r in reports], split_seed)
+    report_index = np.array([i for i, report in enumerate(reports) for _ in paths[report.id]])
+    image_paths = [path for report in reports for path in paths[report.id]]
     split_of_report = {rid: split for split, ids in split_ids.items() for rid in ids}
-    sample_split = np.array([split_of_report[reports[i].id] for i in report_index])
-    report_labels = np.stack([labels_from_mesh(r.majors) for r in reports])
     report_split = np.array([split_of_report[r.id] for r in reports])
+    empty = [split for split in SPLITS if not split_ids.get(split)]
+    if empty:
+        raise DataError(f"no usable report under {root} falls in the {' and '.join(empty)} split; "
+                        f"{len(reports)} reports are too few or the split column leaves it empty")
+    positives = report_labels == 1                        # NaN (ignored) counts as neither
     summary = {
         "reports": read_summary["reports"],
         "reports_used": len(reports),
         "images_used": len(image_paths),
         "skipped": read_summary["skipped"],
-        "labels": {name: int(report_labels[:, k].sum()) for k, name in enumerate(LABELS)},
-        "splits": {split: len(ids) for split, ids in split_ids.items()},
+        "labels": {name: int(positives[:, k].sum()) for k, name in enumerate(label_names)},
+        "splits": {split: len(split_ids[split]) for split in SPLITS},
+        "labels_per_split": {split: {name: int(positives[report_split == split, k].sum())
+                                     for k, name in enumerate(label_names)} for split in SPLITS},
+        "skipped_ids": read_summary["skipped_ids"],
     }
-    per_split = {split: {name: int(report_labels[report_split == split, k].sum()) for k, name in enumerate(LABELS)}
-                 for split in SPLITS}
+    if np.isnan(report_labels).any():
+        summary["ignored_uncertain"] = {name: int(np.isnan(report_labels[:, k]).sum())
+                                        for k, name in enumerate(label_names)}
+    sample_split = report_split[report_index]
     return Collection(
         root=Path(root), reports=reports, image_paths=image_paths, report_index=report_index,
-        labels=np.stack(labels), splits={s: np.flatnonzero(sample_split == s) for s in SPLITS},
-        split_ids=split_ids, summary=summary | {"labels_per_split": per_split,
-                                                "skipped_ids": read_summary["skipped_ids"]},
+        labels=report_labels[report_index].astype(np.float32),
+        splits={s: np.flatnonzero(sample_split == s) for s in SPLITS},
+        split_ids={split: split_ids[split] for split in SPLITS}, summary=summary, label_names=list(label_names),
     )
 
 
@@ -310,53 +325,163 @@ def cache_key(image_paths, size):
     return digest.hexdigest()
 
 
-def cached_images(image_paths, size, cache_dir):
-    """(N, size, size) uint8 memory-mapped array of all images, decoded once and reused.
+def decode_job(job):
+    """Worker side of the cache build: (path, size) -> (pixels, None) or (None, why it cannot be decoded)."""
+    path, size = job
+    try:
+        return load_image(path, size), None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:   # truncated, empty, not an image
+        return None, f"{path}: {error}"
 
-    The array is written to a temporary file and renamed; the manifest holding its key is written last,
-    so a cache interrupted while being built is never mistaken for a complete one.
+
+def init_worker():
+    torch.set_num_threads(1)                 # one image per process; the processes are the parallelism
+
+
+@contextmanager
+def locked(lock_path):
+    """Hold an exclusive lock on `lock_path` so that two runs never build the same cache at once."""
+    with open(lock_path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_json(path, value):
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def cached_images(image_paths, size, cache_dir, workers=1):
+    """(N, size, size) uint8 memory-mapped array of all images, decoded once and reused, and {index: why} of
+    the images that could not be decoded (their rows stay zero).
+
+    The array is built in `images-{size}.partial.npy`, preallocated on disk, in `workers` processes; every
+    chunk is flushed and then recorded in a progress file, so an interrupted build continues where it stopped.
+    The finished array is renamed into place and the manifest holding its key is written last: a cache without
+    a matching manifest is never used. A lock file keeps a second run from building at the same time; it
+    waits and then uses the first run's cache.
     """
     cache_dir = Path(cache_dir)
     array_path, manifest_path = cache_dir / f"images-{size}.npy", cache_dir / f"images-{size}.json"
+    partial_path, progress_path = cache_dir / f"images-{size}.partial.npy", cache_dir / f"images-{size}.progress.json"
     key = cache_key(image_paths, size)
-    if manifest_path.exists() and array_path.exists():
-        if json.loads(manifest_path.read_text()).get("key") == key:
-            return np.load(array_path, mmap_mode="r")
+
+    def complete():
+        if manifest_path.exists() and array_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("key") == key:
+                return np.load(array_path, mmap_mode="r"), {int(i): why for i, why in manifest["bad"].items()}
+        return None
+
+    if (done := complete()) is not None:
+        return done
     cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
-    tmp_path = cache_dir / f"images-{size}.{os.getpid()}.tmp.npy"
-    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(image_paths), size, size))
-    for i, path in enumerate(tqdm(image_paths, desc=f"caching images at {size}px", unit="img")):
+    with locked(cache_dir / f"images-{size}.lock"):
+        if (done := complete()) is not None:                 # another run finished it while we waited
+            return done
+        manifest_path.unlink(missing_ok=True)
+        shape = (len(image_paths), size, size)
+        progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+        if progress.get("key") == key and partial_path.exists():
+            array = np.load(partial_path, mmap_mode="r+")
+            start, bad = progress["done"], {int(i): why for i, why in progress["bad"].items()}
+        else:
+            check_free_space(cache_dir, np.prod(shape))
+            array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=shape)
+            start, bad = 0, {}
+        jobs = [(path, size) for path in image_paths[start:]]
+        pool = Pool(workers, initializer=init_worker) if workers > 1 and len(jobs) > 64 else None
+        results = pool.imap(decode_job, jobs, chunksize=16) if pool else map(decode_job, jobs)
         try:
-            array[i] = load_image(path, size)
-        except (OSError, ValueError) as error:              # PIL raises OSError for truncated or non-images
-            tmp_path.unlink()
-            raise DataError(f"cannot decode image {path} ({error}); replace or remove it") from None
-    array.flush()
-    del array
-    os.replace(tmp_path, array_path)
-    manifest_path.write_text(json.dumps({"key": key, "size": size, "count": len(image_paths)}))
-    return np.load(array_path, mmap_mode="r")
+            bar = tqdm(results, total=len(image_paths), initial=start, desc=f"caching images at {size}px", unit="img")
+            for i, (pixels, why) in enumerate(bar, start=start):
+                if why is None:
+                    array[i] = pixels
+                else:
+                    array[i], bad[i] = 0, why
+                if (i + 1) % CACHE_CHUNK == 0 or i + 1 == len(image_paths):
+                    array.flush()                        # the rows first, then the record that they are there
+                    write_json(progress_path, {"key": key, "done": i + 1, "bad": bad})
+        finally:
+            if pool:
+                pool.terminate()
+        array.flush()
+        del array
+        os.replace(partial_path, array_path)
+        write_json(manifest_path, {"key": key, "size": size, "count": len(image_paths), "bad": bad})
+        progress_path.unlink()
+    return complete()
+
+
+def check_free_space(folder, needed):
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05 + 2**20:
+        raise DataError(f"the image cache needs {needed / 2**30:.2f} GiB in {folder} but only {free / 2**30:.2f} GiB "
+                        f"is free; free some space, or use a smaller --image-size")
+
+
+def image_cache(collection, size, strict=False, workers=None):
+    """The collection's image cache; images that cannot be decoded are dropped from the splits and counted
+    under skipped/bad_image (with --strict they stop the run instead)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    images, bad = cached_images(collection.image_paths, size, collection.root / "cache", workers)
+    if bad and strict:
+        raise DataError(f"cannot decode image {next(iter(bad.values()))} (--strict; without it the "
+                        f"{len(bad)} undecodable image(s) would be skipped and counted)")
+    if bad:
+        print(f"warning: skipped {len(bad)} image(s) that cannot be decoded, e.g. {next(iter(bad.values()))}")
+        drop = np.array(sorted(bad))
+        collection.splits = {split: np.setdiff1d(idx, drop) for split, idx in collection.splits.items()}
+        collection.summary["skipped"]["bad_image"] = len(bad)
+        collection.summary["skipped_ids"]["bad_image"] = [str(collection.image_paths[i]) for i in sorted(bad)]
+    return images
 
 
 # ------------------------------------------------------------------------------------------------ entry
 
-def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0, openi_url=OPENI_URL):
+def openi_collection(root, reports_source, images_root, split_seed, strict=False):
+    """OpenI-format reports and PNGs -> Collection, labels from the MeSH majors, a seeded split by report."""
+    reports, paths, read_summary = read_openi(reports_source, images_root, strict)
+    labels = np.stack([labels_from_mesh(r.majors) for r in reports]) if reports else np.zeros((0, len(LABELS)))
+    return assemble(root, reports, labels, paths, read_summary, split_reports(list(paths), split_seed))
+
+
+def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0, openi_url=OPENI_URL,
+            strict=False, uncertain="zeros", mimic_labels="chexpert", views="frontal", csv=None,
+            csv_image_column="image", csv_text_column="text", csv_labels=None):
     """Read a collection (drawing the demo or downloading OpenI first if needed) -> Collection.
     Images are not decoded here."""
-    if data == "demo":
-        root = make_demo(Path(data_dir) / f"demo-{demo_reports}-seed{demo_seed}", demo_reports, demo_seed)
-        reports_source, images_root = root / "ecgen-radiology", root / "NLMCXR_png"
-    elif data == "openi":
-        from download import fetch_openi        # imported here: download.py itself imports DataError from here
-        root, reports_source, images_root = fetch_openi(data_dir, openi_url)
-    else:
-        raise DataError(f"unknown --data {data!r}: choose demo or openi")
-    reports, paths, read_summary = read_openi(reports_source, images_root)
-    return assemble(root, reports, paths, read_summary, split_seed)
+    if data in ("demo", "openi"):
+        if data == "demo":
+            root = make_demo(Path(data_dir) / f"demo-{demo_reports}-seed{demo_seed}", demo_reports, demo_seed)
+            reports_source, images_root = root / "ecgen-radiology", root / "NLMCXR_png"
+        else:
+            from download import fetch_openi    # imported here: download.py itself imports DataError from here
+            root, reports_source, images_root = fetch_openi(data_dir, openi_url)
+        return openi_collection(root, reports_source, images_root, split_seed, strict)
+    from tables import read_csv, read_mimic       # imported here: tables.py imports from this file
+    if data == "mimic":
+        reports, labels, paths, read_summary, split_ids = read_mimic(data_dir, mimic_labels, uncertain, views, strict)
+        return assemble(data_dir, reports, labels, paths, read_summary, split_ids)
+    if data == "csv":
+        if not csv:
+            raise DataError("--data csv needs --csv FILE")
+        names = [name.strip() for name in csv_labels.split(",")] if csv_labels else None
+        reports, labels, paths, read_summary, split_ids, names = read_csv(
+            csv, csv_image_column, csv_text_column, names, uncertain, strict)
+        return assemble(Path(csv).parent, reports, labels, paths, read_summary,
+                        split_ids or split_reports(list(paths), split_seed), names)
+    raise DataError(f"unknown --data {data!r}: choose demo, openi, mimic or csv")
 
 
-DATA_OPTIONS = ("data", "data_dir", "split_seed", "demo_reports", "demo_seed", "openi_url")
+DATA_OPTIONS = ("data", "data_dir", "split_seed", "demo_reports", "demo_seed", "openi_url", "strict", "uncertain",
+                "mimic_labels", "views", "csv", "csv_image_column", "csv_text_column", "csv_labels")
 
 
 def prepare_from(options):
@@ -364,25 +489,38 @@ def prepare_from(options):
     return prepare(**{name: options[name] for name in DATA_OPTIONS if name in options})
 
 
-def print_summary(summary):
+def print_summary(summary, label_names=LABELS):
     print(f"reports found {summary['reports']}, used {summary['reports_used']}, images {summary['images_used']}")
     print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()))
-    print(f"{'label':28s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'all':>7s}")
-    for name in LABELS:
+    width = max(28, *(len(name) + 2 for name in label_names))
+    print(f"{'label':{width}s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'all':>7s}")
+    for name in label_names:
         counts = [summary["labels_per_split"][s][name] for s in SPLITS]
-        print(f"{name:28s}" + "".join(f"{n:7d}" for n in counts) + f"{summary['labels'][name]:7d}")
-    print(f"{'reports':28s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS) + f"{summary['reports_used']:7d}")
+        print(f"{name:{width}s}" + "".join(f"{n:7d}" for n in counts) + f"{summary['labels'][name]:7d}")
+    print(f"{'reports':{width}s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS) + f"{summary['reports_used']:7d}")
 
 
 def add_data_args(parser):
     """The data options shared by train.py, evaluate.py and this script."""
-    parser.add_argument("--data", default="demo", choices=["demo", "openi"], help="collection (default: demo)")
-    parser.add_argument("--data-dir", default="data", help="where collections and caches live (default: data)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the report-level split (default: 0)")
-    parser.add_argument("--demo-reports", type=int, default=1500, help="reports in the demo (default: 1500)")
-    parser.add_argument("--demo-seed", type=int, default=0, help="seed that draws the demo (default: 0)")
-    parser.add_argument("--openi-url", default=OPENI_URL, help=f"where the OpenI archives are (default: {OPENI_URL})")
-    parser.add_argument("--image-size", type=int, default=128, help="cached image side in px (default: 128)")
+    add = parser.add_argument
+    add("--data", default="demo", choices=["demo", "openi", "mimic", "csv"], help="collection (default: demo)")
+    add("--data-dir", default="data", help="where collections and caches live; for mimic, the MIMIC-CXR-JPG folder "
+                                           "(default: data)")
+    add("--split-seed", type=int, default=0, help="seed of the report-level split; mimic uses its official split "
+                                                  "(default: 0)")
+    add("--demo-reports", type=int, default=1500, help="reports in the demo (default: 1500)")
+    add("--demo-seed", type=int, default=0, help="seed that draws the demo (default: 0)")
+    add("--openi-url", default=OPENI_URL, help=f"where the OpenI archives are (default: {OPENI_URL})")
+    add("--uncertain", default="zeros", choices=["zeros", "ones", "ignore"],
+        help="uncertain (-1) labels of mimic/csv become 0, 1, or are left out of loss and AUROC (default: zeros)")
+    add("--mimic-labels", default="chexpert", choices=["chexpert", "negbio"], help="mimic label table (default: chexpert)")
+    add("--views", default="frontal", choices=["frontal", "all"], help="mimic views: PA/AP only, or all (default: frontal)")
+    add("--csv", default=None, help="--data csv: the CSV file, one row per image (default: none)")
+    add("--csv-image-column", default="image", help="--data csv: image path column (default: image)")
+    add("--csv-text-column", default="text", help="--data csv: report text column (default: text)")
+    add("--csv-labels", default=None, help="--data csv: comma-separated label columns (default: every other column)")
+    add("--strict", action="store_true", help="stop on a bad sample instead of skipping and counting it (default: off)")
+    add("--image-size", type=int, default=128, help="cached image side in px (default: 128)")
 
 
 def main():
@@ -392,14 +530,15 @@ def main():
     args = parser.parse_args()
     try:
         collection = prepare_from(vars(args))
+        image_cache(collection, args.image_size, args.strict)
     except DataError as error:
         sys.exit(f"error: {error}")
-    cached_images(collection.image_paths, args.image_size, collection.root / "cache")
-    summary = {k: collection.summary[k] for k in ("reports", "reports_used", "images_used", "skipped", "labels", "splits")}
+    summary = {k: collection.summary[k] for k in ("reports", "reports_used", "images_used", "skipped", "labels", "splits",
+                                                  "ignored_uncertain") if k in collection.summary}
     if args.json:
         print(json.dumps(summary))
     else:
-        print_summary(collection.summary)
+        print_summary(collection.summary, collection.label_names)
 
 
 if __name__ == "__main__":

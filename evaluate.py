@@ -136,7 +136,7 @@ def load_split(checkpoint, checkpoint_path, split, data_dir=None):
     if data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
         raise data.DataError(f"the {config['data']} collection under {data_dir or config['data_dir']} gives "
                                     f"a different split than the one {checkpoint_path} was trained on")
-    images = data.cached_images(collection.image_paths, config["image_size"], collection.root / "cache")
+    images = data.image_cache(collection, config["image_size"], config.get("strict", False))
     tokens = None
     if checkpoint["model_config"]["method"] == "text":
         tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")

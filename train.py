@@ -166,7 +166,7 @@ def load_data(args, out, checkpoint):
         data.train_tokenizer([collection.reports[i].text for i in train_reports], args.vocab_size).save(
             str(tokenizer_path))
     tokenizer = data.load_tokenizer(tokenizer_path)
-    cache = data.cached_images(collection.image_paths, args.image_size, collection.root / "cache")
+    cache = data.image_cache(collection, args.image_size, args.strict)
     return collection, split_sha256, tokenizer, cache
 
 
