@@ -491,7 +491,7 @@ def prepare_from(options):
 
 def print_summary(summary, label_names=LABELS):
     print(f"reports found {summary['reports']}, used {summary['reports_used']}, images {summary['images_used']}")
-    print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()))
+    print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()) or "none"))
     width = max(28, *(len(name) + 2 for name in label_names))
     print(f"{'label':{width}s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'all':>7s}")
     for name in label_names:
