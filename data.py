@@ -373,10 +373,13 @@ def cached_images(image_paths, size, cache_dir, workers=1):
     key = cache_key(image_paths, size)
 
     def complete():
-        if manifest_path.exists() and array_path.exists():
+        """The finished cache, or None when it is missing, stale, or not the file the manifest describes."""
+        try:
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("key") == key:
+            if manifest["key"] == key and array_path.stat().st_size == manifest["bytes"]:
                 return np.load(array_path, mmap_mode="r"), {int(i): why for i, why in manifest["bad"].items()}
+        except (OSError, ValueError, KeyError):
+            pass
         return None
 
     if (done := complete()) is not None:
@@ -414,7 +417,8 @@ def cached_images(image_paths, size, cache_dir, workers=1):
         array.flush()
         del array
         os.replace(partial_path, array_path)
-        write_json(manifest_path, {"key": key, "size": size, "count": len(image_paths), "bad": bad})
+        write_json(manifest_path, {"key": key, "size": size, "count": len(image_paths), "bad": bad,
+                                   "bytes": array_path.stat().st_size})
         progress_path.unlink()
     return complete()
 

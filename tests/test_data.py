@@ -5,8 +5,10 @@ Every fixture is written under tmp_path in the real OpenI schema (modelled on th
 root <eCitation>, <uId id="CXR{n}"/>, four <AbstractText Label=...> sections, <MeSH> with <major>/<automatic>,
 <parentImage id=...> blocks), so the tests need neither the real collection nor the network.
 """
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -513,6 +515,80 @@ def test_cached_images_rebuilt_when_the_file_list_changes(tmp_path):
     data.cached_images(paths[:3], 8, cache)
     array, _ = data.cached_images(paths[1:], 8, cache)
     assert np.array_equal(array, np.stack([data.load_image(p, 8) for p in paths[1:]]))
+
+
+def test_an_interrupted_cache_build_continues_where_it_stopped(tmp_path, monkeypatch):
+    paths, cache = write_images(tmp_path / "png", count=7), tmp_path / "cache"
+    real_load, calls = data.load_image, []
+
+    def load_then_interrupt(path, size):
+        if len(calls) == 5:
+            raise KeyboardInterrupt                                   # Ctrl-C while decoding the 6th image
+        calls.append(path)
+        return real_load(path, size)
+
+    monkeypatch.setattr(data, "CACHE_CHUNK", 2)
+    monkeypatch.setattr(data, "load_image", load_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        data.cached_images(paths, 8, cache)
+    assert not (cache / "images-8.json").exists() and not (cache / "images-8.npy").exists()
+    assert json.loads((cache / "images-8.progress.json").read_text())["done"] == 4   # two chunks were recorded
+    calls.clear()
+    monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or real_load(path, size))
+    array, bad = data.cached_images(paths, 8, cache)
+    assert calls == paths[4:]                                         # only what was not yet recorded
+    assert np.array_equal(array, np.stack([real_load(p, 8) for p in paths])) and bad == {}
+    assert not (cache / "images-8.progress.json").exists() and not (cache / "images-8.partial.npy").exists()
+
+
+def test_a_damaged_cache_is_rebuilt_not_used(tmp_path):
+    paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
+    expected = np.array(data.cached_images(paths, 8, cache)[0])
+    npy = cache / "images-8.npy"
+    npy.write_bytes(npy.read_bytes()[:-50])                           # truncated after it was written
+    assert np.array_equal(data.cached_images(paths, 8, cache)[0], expected)
+    (cache / "images-8.json").write_text("{not json")                 # a half-written manifest
+    assert np.array_equal(data.cached_images(paths, 8, cache)[0], expected)
+
+
+def test_parallel_cache_build_equals_the_serial_one(tmp_path):
+    paths = write_images(tmp_path / "png", count=80)                  # more than 64: the process pool is used
+    serial, _ = data.cached_images(paths, 8, tmp_path / "serial", workers=1)
+    parallel, _ = data.cached_images(paths, 8, tmp_path / "parallel", workers=2)
+    assert np.array_equal(serial, parallel)
+
+
+def test_two_processes_building_one_cache_at_once_both_get_it_whole(tmp_path):
+    paths, cache = write_images(tmp_path / "png", count=40), tmp_path / "cache"
+    script = ("import sys, hashlib, numpy as np, data; from pathlib import Path; "
+              "a, bad = data.cached_images([Path(p) for p in sys.argv[2:]], 16, sys.argv[1]); "
+              "print(hashlib.sha256(np.ascontiguousarray(a)).hexdigest(), len(bad))")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(cache)] + [str(p) for p in paths], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0].split() for run in runs]
+    expected = hashlib.sha256(np.stack([data.load_image(p, 16) for p in paths])).hexdigest()
+    assert outputs == [[expected, "0"], [expected, "0"]]
+    assert not list(cache.glob("*.partial.npy")) and not list(cache.glob("*.tmp"))
+
+
+def test_cache_build_checks_free_disk_space_first(tmp_path, monkeypatch):
+    paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(data.DataError, match=r"needs 0.00 GiB in .*cache but only 0.00 GiB is free"):
+        data.cached_images(paths, 64, cache)
+    assert not list(cache.glob("*.npy"))
+
+
+def test_undecodable_images_are_recorded_not_fatal(tmp_path):
+    paths = write_images(tmp_path / "png", count=4)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image at all")
+    (tmp_path / "cut.png").write_bytes(paths[0].read_bytes()[:60])           # truncated PNG
+    bad_paths = [tmp_path / "empty.png", tmp_path / "text.png", tmp_path / "cut.png"]
+    array, bad = data.cached_images(paths + bad_paths, 8, tmp_path / "cache")
+    assert sorted(bad) == [4, 5, 6] and all(str(p) in bad[i] for i, p in zip((4, 5, 6), bad_paths))
+    assert not array[4:].any() and np.array_equal(array[0], data.load_image(paths[0], 8))
+    assert data.cached_images(paths + bad_paths, 8, tmp_path / "cache")[1] == bad       # remembered in the manifest
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
