@@ -231,6 +231,29 @@ def test_read_openi_skip_rules_and_samples(collection):
     assert all(p.is_file() for ps in paths.values() for p in ps)
 
 
+def test_read_openi_strict_stops_on_problems_not_on_filtered_reports(collection):
+    reports_dir, images_dir = collection
+    with pytest.raises(data.DataError, match=r"5.xml: malformed XML .*--strict"):
+        data.read_openi(reports_dir, images_dir, strict=True)
+    (reports_dir / "5.xml").unlink()
+    with pytest.raises(data.DataError, match=r"1900.xml: report id CXR1 was already read from another file"):
+        data.read_openi(reports_dir, images_dir, strict=True)
+    (reports_dir / "1900.xml").unlink()
+    used, _, summary = data.read_openi(reports_dir, images_dir, strict=True)   # no_indexing/no_text/no_image stay
+    assert [r.id for r in used] == USED_IDS and summary["skipped"]["no_image"] == 2
+
+
+def test_non_ascii_report_text_is_read_and_tokenised(tmp_path):
+    text = "Cardiomégalie modérée – no effusion; „Pneumothorax“ ausgeschlossen. 心脏增大. Ödem ≥ 2 cm."
+    xml = report_xml(number=7, findings=text, impression="Größe normal.", image_ids=["CXR7_IM-1"])
+    report = data.parse_report(xml.encode("utf-8"), "7.xml")
+    assert report.text == text + " Größe normal."
+    tokenizer = data.train_tokenizer([report.text] * 3 + ["plain ascii words"], vocab_size=200)
+    ids = data.encode_texts(tokenizer, [report.text], max_len=256)[0]
+    unk = tokenizer.token_to_id("[UNK]")
+    assert (ids > 0).sum() > 10 and unk not in ids.tolist()                # every character is covered
+
+
 def test_assemble_four_images_give_four_samples_with_the_report_labels(collection):
     reports_dir, images_dir = collection
     collection = data.openi_collection(reports_dir.parent, reports_dir, images_dir, split_seed=0)
