@@ -504,27 +504,29 @@ def print_summary(summary, label_names=LABELS):
     print(f"{'reports':{width}s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS) + f"{summary['reports_used']:7d}")
 
 
-def add_data_args(parser):
-    """The data options shared by train.py, evaluate.py and this script."""
-    add = parser.add_argument
-    add("--data", default="demo", choices=["demo", "openi", "mimic", "csv"], help="collection (default: demo)")
-    add("--data-dir", default="data", help="where collections and caches live; for mimic, the MIMIC-CXR-JPG folder "
-                                           "(default: data)")
-    add("--split-seed", type=int, default=0, help="seed of the report-level split; mimic uses its official split "
-                                                  "(default: 0)")
-    add("--demo-reports", type=int, default=1500, help="reports in the demo (default: 1500)")
-    add("--demo-seed", type=int, default=0, help="seed that draws the demo (default: 0)")
-    add("--openi-url", default=OPENI_URL, help=f"where the OpenI archives are (default: {OPENI_URL})")
-    add("--uncertain", default="zeros", choices=["zeros", "ones", "ignore"],
-        help="uncertain (-1) labels of mimic/csv become 0, 1, or are left out of loss and AUROC (default: zeros)")
-    add("--mimic-labels", default="chexpert", choices=["chexpert", "negbio"], help="mimic label table (default: chexpert)")
-    add("--views", default="frontal", choices=["frontal", "all"], help="mimic views: PA/AP only, or all (default: frontal)")
-    add("--csv", default=None, help="--data csv: the CSV file, one row per image (default: none)")
-    add("--csv-image-column", default="image", help="--data csv: image path column (default: image)")
-    add("--csv-text-column", default="text", help="--data csv: report text column (default: text)")
-    add("--csv-labels", default=None, help="--data csv: comma-separated label columns (default: every other column)")
-    add("--strict", action="store_true", help="stop on a bad sample instead of skipping and counting it (default: off)")
-    add("--image-size", type=int, default=128, help="cached image side in px (default: 128)")
+def add_data_args(parser, inherit=False):
+    """The data options shared by train.py, evaluate.py and this script. With `inherit` (evaluate.py) every
+    default is None, meaning "the checkpoint's own"."""
+    def add(flag, default=None, help="", **kwargs):
+        shown = "the checkpoint's" if inherit else "off" if default is False else "none" if default is None else default
+        parser.add_argument(flag, default=None if inherit else default, help=f"{help} (default: {shown})", **kwargs)
+    add("--data", "demo", choices=["demo", "openi", "mimic", "csv"], help="collection")
+    add("--data-dir", "data", help="where collections and caches live; for mimic, the MIMIC-CXR-JPG folder")
+    add("--split-seed", 0, type=int, help="seed of the report-level split; mimic uses its official split")
+    add("--demo-reports", 1500, type=int, help="reports in the demo")
+    add("--demo-seed", 0, type=int, help="seed that draws the demo")
+    add("--openi-url", OPENI_URL, help="where the OpenI archives are")
+    add("--uncertain", "zeros", choices=["zeros", "ones", "ignore"],
+        help="uncertain (-1) labels of mimic/csv become 0, 1, or are left out of loss and AUROC")
+    add("--mimic-labels", "chexpert", choices=["chexpert", "negbio"], help="mimic label table")
+    add("--views", "frontal", choices=["frontal", "all"], help="mimic views: PA/AP only, or all")
+    add("--csv", None, help="--data csv: the CSV file, one row per image")
+    add("--csv-image-column", "image", help="--data csv: image path column")
+    add("--csv-text-column", "text", help="--data csv: report text column")
+    add("--csv-labels", None, help="--data csv: comma-separated label columns; none: every other column")
+    add("--strict", False, action="store_true", help="stop on a bad sample instead of skipping and counting it")
+    if not inherit:
+        add("--image-size", 128, type=int, help="cached image side in px")
 
 
 def main():
