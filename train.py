@@ -33,7 +33,10 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data.add_data_args(parser)
     add = parser.add_argument
-    add("--method", default="vkd", choices=METHODS, help="vkd, image (baseline) or text (upper bound) (default: vkd)")
+    add("--method", default="vkd", choices=[*METHODS, "all"],
+        help="vkd, image (baseline), text (upper bound), or all: the three on one split, then compared (default: vkd)")
+    add("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: one run per seed (and method), then the "
+                                      "comparison with mean +- std across seeds (default: --seed alone)")
     add("--epochs", type=int, default=None, help="training epochs (default: 12, or the resumed run's)")
     add("--batch-size", type=int, default=64, help="images per step (default: 64)")
     add("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: 2e-3)")
@@ -61,13 +64,15 @@ def get_args(argv=None):
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
     add("--channels-last", action="store_true", help="channels_last memory format, faster convs on GPUs (default: off)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples for test intervals (default: 1000)")
-    add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>)")
+    add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>); with --method all or "
+                                    "--seeds, the folder that holds those run folders (default: runs)")
     add("--resume", action="store_true", help="continue from <out>/last.pt with its saved config (default: off)")
     add("--stop-after", type=int, default=None,
         help="leave after this many epochs of this invocation, e.g. for time-limited jobs; continue with --resume "
              "(default: run to --epochs)")
     args = parser.parse_args(argv)
-    args.out = args.out or f"runs/{args.data}-{args.method}-seed{args.seed}"
+    if args.method != "all" and args.seeds is None:
+        args.out = args.out or f"runs/{args.data}-{args.method}-seed{args.seed}"
     return args
 
 
@@ -323,9 +328,38 @@ def evaluate_best(out, collection, images, tokens, config, device, num_resamples
     return metrics | {"best_epoch": checkpoint["epoch"] + 1}
 
 
+def run_recipe(args):
+    """--method all and/or --seeds: train each method for each seed on the same split (--split-seed), each in
+    <out>/<data>-<method>-seed<seed>, then compare them on the test split with evaluate.py (the image baseline
+    first, so that every difference reads 'method - image'). Writes <out>/<data>-comparison.json."""
+    if args.resume:
+        raise data.DataError("--resume continues one run: pass its --out and --method instead of --method all/--seeds")
+    methods = ("image", "vkd", "text") if args.method == "all" else (args.method,)
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
+    root = Path(args.out or "runs")
+    checkpoints = []
+    for seed in seeds:
+        for method in methods:
+            out = root / f"{args.data}-{method}-seed{seed}"
+            print(f"\n=== {method}, seed {seed} -> {out}")
+            if train(argparse.Namespace(**vars(args) | {"method": method, "seed": seed, "out": str(out)})) is None:
+                return None                  # stopped early (--stop-after), or not the process that evaluates
+            checkpoints.append(out / "best.pt")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    result = evaluate.compare_checkpoints(checkpoints, device, num_resamples=args.bootstrap, seed=0)
+    (root / f"{args.data}-comparison.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{len(methods)} method(s) x {len(seeds)} seed(s) on {args.data}, split seed {args.split_seed}\n")
+    print(evaluate.format_comparison(result))
+    return result
+
+
 def main():
     try:
-        train(get_args())
+        args = get_args()
+        if args.method == "all" or args.seeds:
+            run_recipe(args)
+        else:
+            train(args)
     except data.DataError as error:
         sys.exit(f"error: {error}")
 

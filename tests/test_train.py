@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,37 @@ def test_augment_keeps_shape_and_is_reproducible():
     a = train.augment(x, torch.Generator().manual_seed(0))
     b = train.augment(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_augment_of_a_rank_slice_is_that_slice_of_the_global_batch_augmented():
+    x = torch.rand(8, 1, 16, 16)
+    whole = train.augment(x, torch.Generator().manual_seed(0))
+    parts = [train.augment(x[4 * r:4 * (r + 1)], torch.Generator().manual_seed(0), r, 2) for r in range(2)]
+    torch.testing.assert_close(torch.cat(parts), whole)
+    assert not torch.equal(parts[0], parts[1])
+
+
+def test_streamed_batches_equal_preloaded_batches():
+    cache = np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)     # stands in for the memmap
+    tokens, labels = torch.arange(40 * 3).view(40, 3), torch.rand(40, 2)
+    order = train.epoch_order(np.arange(5, 40), 0, 0, 8)
+    preloaded = list(train.batches(train.place_images(cache, torch.device("cpu"), "yes"), tokens, labels, order, 8))
+    streamed = [tuple(part.clone() for part in batch)            # the staging buffers are reused after a step
+                for batch in train.streamed_batches(cache, tokens, labels, order, 8)]
+    assert len(preloaded) == len(streamed) == 4
+    for a, b in zip(preloaded, streamed):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert train.place_images(cache, torch.device("cpu"), "no") is cache
+
+
+def test_pixel_statistics_chunked_agrees_with_one_pass():
+    cache = np.random.default_rng(0).integers(0, 256, (30, 16, 16), dtype=np.uint8)
+    indices = np.arange(3, 30, 2)
+    one_pass = train.pixel_statistics(cache, indices)
+    chunked = train.pixel_statistics(cache, indices, chunk=4, one_pass_bytes=0)
+    pixels = cache[indices].astype(np.float64) / 255
+    assert one_pass == pytest.approx((pixels.mean(), pixels.std()), rel=1e-6)
+    assert chunked == pytest.approx((pixels.mean(), pixels.std()), rel=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +122,19 @@ def test_resume_continues_exactly(uninterrupted):
     assert resumed["per_label"] == metrics["per_label"]
     log = [json.loads(line) for line in (tmp / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_streaming_from_the_memmap_trains_exactly_as_preloading(uninterrupted, tmp_path):
+    tmp, metrics = uninterrupted
+    args = train.get_args(TINY + ["--data-dir", str(tmp / "data"), "--out", str(tmp_path / "streamed"), "--epochs", "3",
+                                  "--preload", "no"])
+    streamed = train.train(args)
+    assert json.loads((tmp_path / "streamed" / "run.json").read_text())["preloaded"] is False
+    a = torch.load(tmp / "run" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "streamed" / "last.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert streamed["per_label"] == metrics["per_label"]
 
 
 def test_image_and_text_methods_train(tmp_path, uninterrupted):
