@@ -150,11 +150,12 @@ def test_image_and_text_methods_train(tmp_path, uninterrupted):
     compared = json.loads(result.stdout)
     a = json.loads((tmp / "run" / "metrics.json").read_text())
     b = json.loads((tmp_path / "image" / "metrics.json").read_text())
-    assert compared["a"]["macro_auroc"] == pytest.approx(a["macro_auroc"])
-    assert compared["b"]["macro_auroc"] == pytest.approx(b["macro_auroc"])
-    assert compared["paired"]["macro_difference"] == pytest.approx(b["macro_auroc"] - a["macro_auroc"])
-    lo, hi = compared["paired"]["macro_difference_ci"]
-    assert lo <= hi and 0 <= compared["paired"]["macro_difference_p"] <= 1
+    assert compared["runs"][0]["macro_auroc"] == pytest.approx(a["macro_auroc"])
+    assert compared["runs"][1]["macro_auroc"] == pytest.approx(b["macro_auroc"])
+    difference = compared["methods"][1]["difference"]["macro_auroc"]
+    assert difference["value"] == pytest.approx(b["macro_auroc"] - a["macro_auroc"])
+    lo, hi = difference["ci95"]
+    assert lo <= hi and 0 <= difference["p"] <= 1
 
 
 def test_bad_options_give_clear_errors(tmp_path):
