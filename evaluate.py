@@ -397,13 +397,16 @@ def slug(name):
 def predict_files(model, checkpoint, paths, device, num_samples=0, uncertainty_samples=100):
     """Any PNG/JPEG (any size, 8/16-bit, gray/RGB) -> (images (B, S, S) uint8, p (B, K), mean and std (B, K) over
     prior samples), decoded and resized exactly like the training cache (data.load_image) at the checkpoint's
-    image size and normalised with its training statistics."""
+    image size and normalised with its training statistics. The `image` baseline never trains the prior's
+    variance (its loss reads mu_p only), so it has no uncertainty: mean and std are None."""
     if checkpoint["model_config"]["method"] == "text":
         raise data.DataError("the `text` model reads the report; predict from images with a vkd or image checkpoint")
     config = checkpoint["config"]
     images = np.stack([data.load_image(path, config["image_size"]) for path in paths])
     x = to_input(torch.from_numpy(images).to(device), config["pixel_mean"], config["pixel_std"])
     p, _ = model.predict(x, num_samples)
+    if checkpoint["model_config"]["method"] == "image":
+        return images, p.cpu().numpy(), None, None
     mean, std = model.predict(x, uncertainty_samples)
     return images, p.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
 
@@ -812,7 +815,8 @@ def single_images(args):
     label_names = checkpoint.get("label_names", LABELS)
     images, p, mean, std = predict_files(model, checkpoint, args.image, args.device, args.samples,
                                          args.uncertainty_samples)
-    result = {str(path): {name: {"p": float(p[i, k]), "mean": float(mean[i, k]), "std": float(std[i, k])}
+    result = {str(path): {name: {"p": float(p[i, k]), "mean": None if mean is None else float(mean[i, k]),
+                                 "std": None if std is None else float(std[i, k])}
                           for k, name in enumerate(label_names)} for i, path in enumerate(args.image)}
     if args.cam:
         k = label_index(label_names, args.cam)
@@ -831,7 +835,8 @@ def single_images(args):
         print(f"{path}\n{'label':28s} {'p':>6s}   mean ± std over {args.uncertainty_samples} prior samples")
         for name in label_names:
             q = probabilities[name]
-            print(f"{name:28s} {q['p']:6.3f}   {q['mean']:.3f} ± {q['std']:.3f}")
+            print(f"{name:28s} {q['p']:6.3f}   " + (f"{q['mean']:.3f} ± {q['std']:.3f}" if q["std"] is not None else
+                                                    "n/a (the image baseline's prior variance is never trained)"))
         if "cam" in probabilities:
             print(f"Grad-CAM for {label_names[k]}: {probabilities['cam']}")
 
@@ -854,7 +859,7 @@ def single_run(args):
     result["operating_points"] = {
         "rule": "Youden's J" if args.target_sensitivity is None else f"sensitivity >= {args.target_sensitivity}",
         "per_label": operating_points_report(y_val, p_val, y, p, label_names, args.target_sensitivity)}
-    if method != "text":                      # the text model has no image-only prior to sample
+    if method == "vkd":               # only VKD trains the prior's variance; `text` reads the report
         mean, std = predict(model, images, tokens, test_idx, config, args.device,
                             num_samples=args.uncertainty_samples)
         uncertainty = std.mean(1)                                                    # (N,) per image

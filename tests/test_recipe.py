@@ -96,6 +96,9 @@ def test_single_images_of_any_kind_get_probabilities_and_an_overlay(recipe, tmp_
     png = [result[str(paths[0])][n]["p"] for n in data.LABELS]
     for other in paths[1:3]:                                    # RGB and 16-bit PNG of the same drawing
         assert [result[str(other)][n]["p"] for n in data.LABELS] == pytest.approx(png, abs=0.02)
+    image_model, image_checkpoint = evaluate.load_checkpoint(runs / "demo-image-seed0" / "best.pt")
+    _, p, mean, std = evaluate.predict_files(image_model, image_checkpoint, paths[:1], "cpu")
+    assert p.shape == (1, 14) and mean is None and std is None  # no trained prior variance: no uncertainty
     text = run_evaluate("--ckpt", runs / "demo-text-seed0" / "best.pt", "--image", paths[0], check=False)
     assert text.returncode != 0 and "reads the report" in text.stderr and "Traceback" not in text.stderr
     wrong = run_evaluate("--ckpt", checkpoint_path, "--image", paths[0], "--cam", "Nothing", check=False)
