@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -62,6 +64,11 @@ def get_args(argv=None):
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
         help="autocast: auto = bf16 on CUDA, off on CPU (default: auto)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--preload", default="auto", choices=["auto", "yes", "no"],
+        help="copy the whole uint8 image cache to the device once; no = stream batches from the memory-mapped "
+             "file; auto = yes when it takes at most half the free device memory (default: auto)")
+    add("--log-every", type=int, default=50,
+        help="show the running loss on the progress bar every N steps, one host sync each; 0 = never (default: 50)")
     add("--channels-last", action="store_true", help="channels_last memory format, faster convs on GPUs (default: off)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples for test intervals (default: 1000)")
     add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>); with --method all or "
@@ -99,18 +106,6 @@ def beta_at(step, beta, warmup_steps):
 
 # ------------------------------------------------------------------------------------------------ pieces
 
-def augment(x, generator):
-    """Random affine per image (rotation +-5 deg, scale +-5%, shift +-3%), one grid_sample for the batch.
-    No horizontal flips: the heart is on the patient's left, a flip makes an anatomically impossible image."""
-    B = x.shape[0]
-    r = torch.rand(B, 4, generator=generator, device=x.device) * 2 - 1
-    angle, scale, shift = r[:, 0] * math.radians(5), 1 + r[:, 1] * 0.05, r[:, 2:] * 0.03
-    theta = torch.stack([torch.stack([scale * torch.cos(angle), -scale * torch.sin(angle), shift[:, 0]], 1),
-                         torch.stack([scale * torch.sin(angle), scale * torch.cos(angle), shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, x.shape, align_corners=False)                  # (B, H, W, 2)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-
-
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file, then rename: a crash mid-write never leaves a truncated checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -142,6 +137,178 @@ def environment(device):
             else platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
+# ------------------------------------------------------------------------------------------- distributed
+
+def setup_distributed(device_name):
+    """-> (rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join the process
+    group, NCCL on GPUs and gloo on CPUs, one GPU per process; a plain `python train.py` is rank 0 of 1 and
+    runs the same code with no process group."""
+    if "RANK" not in os.environ:
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        return 0, 1, torch.device(auto if device_name == "auto" else device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_gpus = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    device = torch.device(f"cuda:{local_rank}" if on_gpus else "cpu")
+    if on_gpus:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if on_gpus else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def finish_distributed(world_size):
+    """Every process waits here for rank 0 (still evaluating and saving) before the group is torn down."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def synchronize(device):
+    """Wait for the device's queued work; used only where a time is read, never inside the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+def pixel_statistics(cache, indices, chunk=1024, one_pass_bytes=2**30):
+    """Mean and std of the training images' pixels in [0, 1], for normalisation.
+
+    One float32 pass when those pixels take at most 1 GiB as floats (the demo, OpenI); otherwise float64 sums
+    over chunks of images, so that a cache larger than memory (MIMIC-CXR) is never copied whole."""
+    count = len(indices) * cache[0].size
+    if count * 4 <= one_pass_bytes:
+        pixels = cache[indices].astype(np.float32) / 255.0
+        return float(pixels.mean()), float(pixels.std())
+    total = total_squares = 0.0
+    for start in tqdm(range(0, len(indices), chunk), desc="pixel statistics", unit="chunk", leave=False):
+        block = cache[np.sort(indices[start:start + chunk])].astype(np.float64) / 255.0
+        total, total_squares = total + block.sum(), total_squares + np.square(block).sum()
+    mean = total / count
+    return mean, math.sqrt(max(total_squares / count - mean**2, 0.0))
+
+
+def free_memory(device):
+    """Bytes free on the device: CUDA's own count, or the host's free physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def place_images(cache, device, preload="auto", chunk=4096):
+    """Where batches are gathered from: the whole uint8 cache copied once to `device`, so that gathering,
+    uint8->float, normalisation and augmentation all run there with no transfer per step; or, when it does
+    not fit, the memory-mapped cache itself, read batch by batch (streamed_batches).
+
+    preload: yes, no, or auto = yes when the cache takes at most half of the device's free memory (the other
+    half is left for the model). Copied in chunks, so a large cache never needs a second full copy in RAM."""
+    if preload == "auto":
+        preload = "yes" if cache.nbytes <= free_memory(device) // 2 else "no"
+    if preload == "no":
+        return cache
+    images = torch.empty(cache.shape, dtype=torch.uint8, device=device)                       # (N, S, S)
+    for start in tqdm(range(0, len(cache), chunk), desc=f"image cache to {device}", unit="chunk", leave=False):
+        images[start:start + chunk] = torch.from_numpy(np.array(cache[start:start + chunk]))
+    return images
+
+
+def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1):
+    """This process's training samples for one epoch, (steps * batch_size / world_size,).
+
+    One permutation seeded by (seed, epoch), the same in every process (a resumed run repeats it exactly), is
+    cut into global batches of batch_size (the incomplete last one dropped: static shapes); each process takes
+    its contiguous 1/world_size of every global batch, so N processes see exactly the batches one would."""
+    shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)]
+    steps = len(order) // batch_size
+    return order[:steps * batch_size].view(steps, world_size, -1)[:, rank].reshape(-1)
+
+
+def batches(images, tokens, labels, order, batch_size):
+    """(x (B, S, S) uint8, t (B, T), y (B, K)) for each batch of `order`, gathered by indexing whole batches out
+    of tensors already on the device: no workers, no copies, no host sync."""
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        yield images[idx], tokens[idx], labels[idx]
+
+
+def streamed_batches(cache, tokens, labels, order, batch_size):
+    """As `batches`, for a memory-mapped cache that was not preloaded (larger than half the free memory).
+
+    The images of batch i+1 are read into one of two staging buffers (pinned on CUDA) and their copy to the
+    device is started (non_blocking) before batch i is handed out, so reading overlaps the device's work.
+    A buffer is refilled only after its previous copy has finished (a CUDA event). The uint8 images yielded
+    are valid for one step."""
+    device, num_batches = tokens.device, len(order) // batch_size
+    order_cpu = order.cpu().numpy()
+    pinned = device.type == "cuda"
+    buffers = [torch.empty((batch_size, *cache.shape[1:]), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+    copied = [None, None]
+
+    def start_copy(i):
+        buffer = buffers[i % 2]
+        if copied[i % 2] is not None:
+            copied[i % 2].synchronize()
+        buffer.numpy()[:] = cache[order_cpu[i * batch_size:(i + 1) * batch_size]]
+        x = buffer.to(device, non_blocking=True)
+        if pinned:
+            copied[i % 2] = torch.cuda.Event()
+            copied[i % 2].record()
+        return x
+
+    x_next = start_copy(0) if num_batches else None
+    for i in range(num_batches):
+        x = x_next
+        if i + 1 < num_batches:
+            x_next = start_copy(i + 1)
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        yield x, tokens[idx], labels[idx]
+
+
+def augment(x, generator, rank=0, world_size=1):
+    """Random affine per image (rotation +-5 deg, scale +-5%, shift +-3%), one grid_sample for the batch.
+    No horizontal flips: the heart is on the patient's left, a flip makes an anatomically impossible image.
+
+    Every process draws the parameters of the whole global batch and keeps its own part, so N processes
+    augment exactly as one process with the global batch would."""
+    B = x.shape[0]
+    r = torch.rand(B * world_size, 4, generator=generator, device=x.device)[rank * B:(rank + 1) * B] * 2 - 1
+    angle, scale, shift = r[:, 0] * math.radians(5), 1 + r[:, 1] * 0.05, r[:, 2:] * 0.03
+    theta = torch.stack([torch.stack([scale * torch.cos(angle), -scale * torch.sin(angle), shift[:, 0]], 1),
+                         torch.stack([scale * torch.sin(angle), scale * torch.cos(angle), shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)                  # (B, H, W, 2)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def model_input(x, pixel_mean, pixel_std, augment_rng=None, rank=0, world_size=1, channels_last=False):
+    """uint8 images (B, S, S) -> normalised float (B, 1, S, S), augmented when a generator is given."""
+    x = x.float().div(255).unsqueeze(1)
+    if augment_rng is not None:
+        x = augment(x, augment_rng, rank, world_size)
+    x = (x - pixel_mean) / pixel_std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------- step
+
+def train_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args):
+    """One optimisation step in the standard order; returns the loss parts as device tensors (no host sync).
+
+    `forward` is the model as called (compiled and/or DDP-wrapped), `model` the plain module whose gradients
+    are clipped. With fp16 the scaler scales the loss and unscales the gradients before clipping; with fused
+    AdamW it also skips the step on inf/NaN gradients without a host sync. Otherwise it does nothing."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        parts = forward(x, t, y, beta, args.prior_weight, args.latent_samples)
+    scaler.scale(parts["loss"]).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return parts
+
+
 # ------------------------------------------------------------------------------------------------- train
 
 def resume_args(args):
@@ -157,16 +324,18 @@ def resume_args(args):
     return saved, checkpoint
 
 
-def load_data(args, out, checkpoint):
-    """Collection, tokenizer (trained on the training split's reports only) and the image cache."""
+def load_data(args, out, checkpoint, main_process=True):
+    """Collection, tokenizer (trained on the training split's reports only) and the image cache.
+    Only the main process writes splits.json and the tokenizer; under torchrun the others run this after it."""
     collection = data.prepare_from(vars(args))
     split_sha256 = data.split_hash(collection.split_ids)
     if checkpoint is not None and checkpoint["split_sha256"] != split_sha256:
         raise data.DataError(f"the data under {args.data_dir} now give a different split than {out}/last.pt "
                              f"was trained on; resume with the original data or start a new --out")
-    (out / "splits.json").write_text(json.dumps({"split_seed": args.split_seed} | collection.split_ids))
+    if main_process:
+        (out / "splits.json").write_text(json.dumps({"split_seed": args.split_seed} | collection.split_ids))
     tokenizer_path = out / "tokenizer.json"
-    if checkpoint is None:
+    if checkpoint is None and main_process:
         train_reports = np.unique(collection.report_index[collection.splits["train"]])
         data.train_tokenizer([collection.reports[i].text for i in train_reports], args.vocab_size).save(
             str(tokenizer_path))
@@ -176,6 +345,8 @@ def load_data(args, out, checkpoint):
 
 
 def train(args):
+    """Train one run; under torchrun every process calls this, and rank 0 alone prints, logs, saves and evaluates.
+    Returns the test metrics (rank 0 of a finished run) or None."""
     start_time = time.time()
     checkpoint = None
     if args.resume:
@@ -183,29 +354,34 @@ def train(args):
     args.epochs = args.epochs or 12
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    rank, world_size, device = setup_distributed(args.device)
+    main_process = rank == 0
     amp = ("bf16" if device.type == "cuda" else "off") if args.amp == "auto" else args.amp
     if amp == "fp16" and device.type != "cuda":
         raise data.DataError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":                         # let cuDNN pick kernels for our fixed shapes; TF32 matmuls
-        torch.backends.cudnn.benchmark = True
+    if args.batch_size % world_size:
+        raise data.DataError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+    torch.manual_seed(args.seed + rank)               # dropout and latent samples differ between processes;
+    if device.type == "cuda":                         # DDP gives all of them rank 0's initial weights
+        torch.backends.cudnn.benchmark = True         # let cuDNN pick kernels for our fixed shapes; TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    collection, split_sha256, tokenizer, cache = load_data(args, out, checkpoint)
+    if rank > 0:                                      # rank 0 draws/reads the data and writes the tokenizer first
+        dist.barrier()
+    collection, split_sha256, tokenizer, cache = load_data(args, out, checkpoint, main_process)
+    if main_process and world_size > 1:
+        dist.barrier()
     train_idx, val_idx = collection.splits["train"], collection.splits["val"]
     if checkpoint is None:
-        train_pixels = cache[train_idx].astype(np.float32) / 255.0
-        args.pixel_mean, args.pixel_std = float(train_pixels.mean()), float(train_pixels.std())
-    # the whole cache is small enough to hold as one tensor on the device; batches are gathered by indexing it
-    images = torch.from_numpy(np.array(cache)).to(device)                                    # (N, S, S) uint8
+        args.pixel_mean, args.pixel_std = pixel_statistics(cache, train_idx)
+    images = place_images(cache, device, args.preload)                 # (N, S, S) uint8, on the device or memmap
     tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len)).to(device)  # (N, T)
-    labels = torch.from_numpy(collection.labels).to(device)                                   # (N, K)
+    labels = torch.from_numpy(collection.labels).to(device)                                   # (N, K), NaN kept
     truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
-    if truncated > 0.05:
+    if truncated > 0.05 and main_process:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
-    missing = [name for k, name in enumerate(collection.label_names) if collection.labels[train_idx, k].sum() == 0]
-    if missing:
+    missing = [name for k, name in enumerate(collection.label_names) if np.nansum(collection.labels[train_idx, k]) == 0]
+    if missing and main_process:
         print(f"warning: no positive training sample for {', '.join(missing)}")
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
@@ -220,12 +396,14 @@ def train(args):
         model = model.to(memory_format=torch.channels_last)
     total_steps = steps_per_epoch * args.epochs
     beta_warmup_steps = int(args.beta_warmup_epochs * steps_per_epoch)
+    # the whole beta schedule as one device tensor: indexing it per step needs no host-to-device copy (a sync)
+    # and, being a tensor, never makes torch.compile recompile for a new value
+    betas = torch.tensor([beta_at(s, args.beta, beta_warmup_steps) for s in range(total_steps)], device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, total_steps, args.lr, args.warmup_steps),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "off" else nullcontext())
-    forward = torch.compile(model) if args.compile else model
     start_epoch, step, best_auroc = 0, 0, -math.inf
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -233,61 +411,70 @@ def train(args):
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step, best_auroc = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_auroc"]
         set_rng_states(checkpoint["rng"], device)
+    # `model` stays the plain module (saved, evaluated, clipped); `forward` is what the step calls
+    forward = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     config = vars(args)
     run_record = {"config": config, "environment": environment(device), "model": describe(model),
-                  "data": collection.summary, "amp": amp}
-    (out / "run.json").write_text(json.dumps(run_record, indent=1))
-    skipped = ", ".join(f"{reason} {n}" for reason, n in collection.summary["skipped"].items() if n)
-    print(f"{args.method} on {args.data}: {collection.summary['reports_used']} of {collection.summary['reports']} "
-          f"reports used (skipped: {skipped or 'none'}); {len(train_idx)} train / {len(val_idx)} val images, "
-          f"{steps_per_epoch} steps/epoch, device {device}, amp {amp}; {describe(model)}")
-
-    log_lines = (out / "log.jsonl").read_text().splitlines()[:start_epoch] if checkpoint is not None else []
-    log = open(out / "log.jsonl", "w")                 # a resumed run keeps the epochs its checkpoint has seen
-    log.writelines(line + "\n" for line in log_lines)
+                  "data": collection.summary, "amp": amp, "world_size": world_size,
+                  "preloaded": torch.is_tensor(images)}
+    if main_process:
+        (out / "run.json").write_text(json.dumps(run_record, indent=1))
+        skipped = ", ".join(f"{reason} {n}" for reason, n in collection.summary["skipped"].items() if n)
+        print(f"{args.method} on {args.data}: {collection.summary['reports_used']} of {collection.summary['reports']} "
+              f"reports used (skipped: {skipped or 'none'}); {len(train_idx)} train / {len(val_idx)} val images, "
+              f"{steps_per_epoch} steps/epoch, device {device} x {world_size}, amp {amp}, images "
+              f"{'preloaded' if torch.is_tensor(images) else 'streamed'}; {describe(model)}")
+        log_lines = (out / "log.jsonl").read_text().splitlines()[:start_epoch] if checkpoint is not None else []
+        log = open(out / "log.jsonl", "w")             # a resumed run keeps the epochs its checkpoint has seen
+        log.writelines(line + "\n" for line in log_lines)
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    first_step = step
     for epoch in range(start_epoch, end_epoch):
         # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them exactly.
-        shuffle = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        augment_rng = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
-        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)].to(device)
+        order = epoch_order(train_idx, args.seed, epoch, args.batch_size, rank, world_size).to(device)
+        augment_rng = (torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
+                       if not args.no_augment else None)
+        epoch_batches = (batches if torch.is_tensor(images) else streamed_batches)(
+            images, tokens, labels, order, args.batch_size // world_size)
         model.train()
         sums = torch.zeros(4, device=device)              # loss parts summed on the device: no sync per step
         epoch_start = time.time()
-        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, unit="step"):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x = images[idx].float().div(255).unsqueeze(1)                               # (B, 1, S, S)
-            if not args.no_augment:
-                x = augment(x, augment_rng)
-            x = (x - args.pixel_mean) / args.pixel_std
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # a tensor, not a float, so that torch.compile does not recompile for every new value of beta
-            beta = torch.tensor(beta_at(step, args.beta, beta_warmup_steps), device=device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                parts = forward(x, tokens[idx], labels[idx], beta, args.prior_weight, args.latent_samples)
-            scaler.scale(parts["loss"]).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+        bar = tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   unit="step", disable=not main_process)
+        for i, (x, t, y) in enumerate(bar):
+            x = model_input(x, args.pixel_mean, args.pixel_std, augment_rng, rank, world_size, args.channels_last)
+            parts = train_step(model, forward, optimizer, scaler, autocast, x, t, y, betas[step], args)
             lr = optimizer.param_groups[0]["lr"]                # the rate this step used, for the log
             step += 1
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps)
             sums += torch.stack([parts[k].detach().float() for k in ("loss", "bce_posterior", "bce_prior", "kl")])
+            if step == first_step + 1:
+                synchronize(device)
+                run_record["first_step_s"] = time.time() - epoch_start      # includes compilation with --compile
+                run_record["time_to_first_step_s"] = time.time() - start_time
+            if args.log_every and (i + 1) % args.log_every == 0:          # the one host sync every N steps
+                bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
+        if world_size > 1:
+            dist.all_reduce(sums)                          # loss parts averaged over all processes' batches
+        loss, bce_posterior, bce_prior, kl = (sums / (steps_per_epoch * world_size)).tolist()
         train_time = time.time() - epoch_start
+        if not main_process:
+            continue
 
         p, _ = evaluate.predict(model, images, tokens, val_idx, config, device)
         val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
-        loss, bce_posterior, bce_prior, kl = (sums / steps_per_epoch).tolist()
         record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
-                  "bce_prior": bce_prior, "kl": kl, "beta": beta.item(), "lr": lr, "val_macro_auroc": val_auroc,
-                  "images_per_s": steps_per_epoch * args.batch_size / train_time, "epoch_s": time.time() - epoch_start}
+                  "bce_prior": bce_prior, "kl": kl, "beta": betas[step - 1].item(), "lr": lr,
+                  "val_macro_auroc": val_auroc, "images_per_s": steps_per_epoch * args.batch_size / train_time,
+                  "epoch_s": time.time() - epoch_start}
         tqdm.write(f"epoch {epoch + 1:3d} step {step:6d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} "
                    f"bce_p {bce_prior:.3f} kl {kl:7.3f}) | beta {record['beta']:.3f} | lr {lr:.2e} | "
                    f"val macro AUROC {val_auroc:.4f} | {record['images_per_s']:.0f} img/s | {record['epoch_s']:.1f}s")
+        if epoch == start_epoch and args.compile:
+            tqdm.write(f"torch.compile: the first step took {run_record['first_step_s']:.1f}s, compilation included")
         log.write(json.dumps(record) + "\n")
         log.flush()
 
@@ -303,9 +490,12 @@ def train(args):
         if is_best:
             save_checkpoint(out / "best.pt", state)
         save_checkpoint(out / "last.pt", state)
-    log.close()
-    if end_epoch < args.epochs:
-        print(f"stopped after epoch {end_epoch}/{args.epochs}; continue with: python train.py --out {out} --resume")
+    if main_process:
+        log.close()
+        if end_epoch < args.epochs:
+            print(f"stopped after epoch {end_epoch}/{args.epochs}; continue with: python train.py --out {out} --resume")
+    if end_epoch < args.epochs or not main_process:
+        finish_distributed(world_size)
         return None
 
     metrics = evaluate_best(out, collection, images, tokens, config, device, args.bootstrap)
@@ -315,6 +505,7 @@ def train(args):
     (out / "run.json").write_text(json.dumps(run_record, indent=1))
     print(evaluate.format_metrics(metrics, f"test AUROC of {out / 'best.pt'} (best val epoch {metrics['best_epoch']})"))
     print(f"wall time {metrics['wall_s']:.0f}s; results in {out}/")
+    finish_distributed(world_size)
     return metrics
 
 
