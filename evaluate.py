@@ -440,8 +440,8 @@ def metrics_report(y, p, groups, num_resamples=1000, seed=0, label_names=LABELS)
     return run_report(y, p, draws, label_names) | {"num_reports": int(len(np.unique(groups)))}
 
 
-NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "epochs_done", "device", "data_dir", "compile",
-                  "channels_last", "bootstrap")
+NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile", "channels_last",
+                  "preload", "log_every", "bootstrap")                 # options that do not change what is learnt
 
 
 def group_runs(configs):
