@@ -337,3 +337,29 @@ def test_own_csv_an_undecodable_image_is_skipped_and_counted(tmp_path):
     assert 5 not in kept and len(kept) == 11                                  # sample 5 is 5.jpg
     with pytest.raises(data.DataError, match="cannot decode image .*5.jpg.*--strict"):
         data.image_cache(data.prepare("csv", csv=str(path)), 16, strict=True)
+
+
+# ----------------------------------------------------------------------------------- training end to end
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8", "--text-dim", "16",
+        "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps", "1", "--epochs", "2"]
+
+
+@pytest.mark.parametrize("collection_args", ["mimic", "csv"])
+def test_training_on_mimic_and_own_csv_with_ignored_uncertain_labels(mimic, tmp_path, collection_args):
+    import train
+    if collection_args == "mimic":
+        args = ["--data", "mimic", "--data-dir", str(mimic[0])]
+    else:
+        args = ["--data", "csv", "--csv", str(own_csv(tmp_path / "own", num_rows=40))]
+    run = tmp_path / "run"
+    metrics = train.train(train.get_args(args + TINY + ["--uncertain", "ignore", "--out", str(run)]))
+    names = LABELS if collection_args == "mimic" else ["mass", "tube"]
+    assert list(metrics["per_label"]) == names
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in (run / "log.jsonl").read_text().splitlines())
+    checkpoint = __import__("torch").load(run / "best.pt", weights_only=True)
+    assert checkpoint["label_names"] == names and checkpoint["config"]["uncertain"] == "ignore"
+    result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json",
+                             "--bootstrap", "20"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["macro_auroc"] == pytest.approx(metrics["macro_auroc"])
