@@ -9,6 +9,7 @@ Writes into --out: run.json (resolved config), splits.json, tokenizer.json, log.
 last.pt and best.pt (plain dicts), metrics.json (test AUROC of best.pt with 95% bootstrap intervals).
 """
 import argparse
+import atexit
 import json
 import math
 import os
@@ -142,24 +143,28 @@ def environment(device):
 def setup_distributed(device_name):
     """-> (rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join the process
     group, NCCL on GPUs and gloo on CPUs, one GPU per process; a plain `python train.py` is rank 0 of 1 and
-    runs the same code with no process group."""
+    runs the same code with no process group.
+
+    The group is created once per process and destroyed when the process exits, because one process may train
+    several runs (--method all, --seeds); each run ends at a barrier (finish_distributed)."""
     if "RANK" not in os.environ:
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         return 0, 1, torch.device(auto if device_name == "auto" else device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
-    on_gpus = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    on_gpus = torch.cuda.is_available() and device_name != "cpu"
     device = torch.device(f"cuda:{local_rank}" if on_gpus else "cpu")
     if on_gpus:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if on_gpus else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpus else "gloo")
+        atexit.register(dist.destroy_process_group)
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def finish_distributed(world_size):
-    """Every process waits here for rank 0 (still evaluating and saving) before the group is torn down."""
+    """Every process waits here for rank 0 (still evaluating and saving) before the run is over."""
     if world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def synchronize(device):
@@ -234,10 +239,10 @@ def batches(images, tokens, labels, order, batch_size):
 def streamed_batches(cache, tokens, labels, order, batch_size):
     """As `batches`, for a memory-mapped cache that was not preloaded (larger than half the free memory).
 
-    The images of batch i+1 are read into one of two staging buffers (pinned on CUDA) and their copy to the
-    device is started (non_blocking) before batch i is handed out, so reading overlaps the device's work.
-    A buffer is refilled only after its previous copy has finished (a CUDA event). The uint8 images yielded
-    are valid for one step."""
+    The images of batch i+1 are read into one of two staging buffers and, on CUDA, their copy from pinned
+    memory to the GPU is started (non_blocking) before batch i is handed out, so that reading the file overlaps
+    the GPU's work on the steps already queued. A buffer is refilled only after its previous copy has finished
+    (a CUDA event). On a CPU the buffer is the batch: the uint8 images yielded are valid for one step."""
     device, num_batches = tokens.device, len(order) // batch_size
     order_cpu = order.cpu().numpy()
     pinned = device.type == "cuda"
@@ -246,7 +251,7 @@ def streamed_batches(cache, tokens, labels, order, batch_size):
 
     def start_copy(i):
         buffer = buffers[i % 2]
-        if copied[i % 2] is not None:
+        if copied[i % 2] is not None:                  # its copy of batch i-2 must be done before we overwrite it
             copied[i % 2].synchronize()
         buffer.numpy()[:] = cache[order_cpu[i * batch_size:(i + 1) * batch_size]]
         x = buffer.to(device, non_blocking=True)

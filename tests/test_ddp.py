@@ -57,6 +57,7 @@ def ddp_worker(rank, world_size, port, out_path):
     if rank == 0:
         torch.save(model.state_dict(), out_path)
     train.finish_distributed(world_size)
+    torch.distributed.destroy_process_group()
 
 
 def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
