@@ -225,6 +225,9 @@ def main():
     args = get_args()
     device = args.device
     torch.manual_seed(0)
+    if device.type == "cuda":                                  # as train() sets them
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else train.environment(device)["device"]
     config = VKDConfig(method=args.method, cnn_width=16, latent_dim=64, text_dim=64, text_layers=2, max_len=64)
     print(f"benchmark on {device_name} ({device.type}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
