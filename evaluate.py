@@ -545,9 +545,14 @@ def format_metrics(metrics, title):
     return "\n".join(lines)
 
 
+def p_value(p, num_resamples):
+    """No resample on the far side of zero bounds p by the resolution of the bootstrap, it does not make it 0."""
+    return f"p < {2 / num_resamples:.3f}" if p == 0 else f"p = {p:.3f}"
+
+
 def format_comparison(result):
     """The comparison as Markdown tables (readable in a terminal, pasteable into a README)."""
-    methods, first = result["methods"], result["runs"][0]
+    methods, first, resamples = result["methods"], result["runs"][0], result["num_resamples"]
     several_seeds = any(len(m["runs"]) > 1 for m in methods)
     lines = [f"test split: {result['num_images']} images from {result['num_reports']} reports; 95% intervals: "
              f"bootstrap over reports ({result['num_resamples']} resamples)"
@@ -575,7 +580,7 @@ def format_comparison(result):
             for key in SUMMARY_KEYS:
                 d = m["difference"][key]
                 cells.append("n/a" if d["value"] is None or d["ci95"] is None else
-                             f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p = {d['p']:.3f}")
+                             f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {p_value(d['p'], resamples)}")
             lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["each run", "", "| run | method | seed | best epoch | macro AUROC | macro AUPRC |", "|---|---|---:|---:|---|---|"]

@@ -238,6 +238,7 @@ def test_comparison_of_seeds_and_an_identical_run():
     assert "NaN" not in json.dumps(result)
     table = evaluate.format_comparison(result)
     assert "| vkd - image #1 |" in table and "±" in table
+    assert evaluate.p_value(0.0, 1000) == "p < 0.002" and evaluate.p_value(0.25, 1000) == "p = 0.250"
     runs[2][3]["split_sha256"] = "other"
     with pytest.raises(evaluate.data.DataError, match="not evaluated on the same split"):
         evaluate.compare_runs(["a", "b", "c", "d"], runs, num_resamples=10)
