@@ -18,6 +18,8 @@ measured twice in a round) shows the noise floor. Measured here:
 """
 import argparse
 import json
+import os
+import platform
 import resource
 import statistics
 import sys
@@ -210,6 +212,16 @@ def resnet50_calibration(args, steps=20, batch_size=128):
     return {"images_per_s": steps * batch_size / seconds, "tflops": counter.get_total_flops() * steps / seconds / 1e12}
 
 
+def cpu_name():
+    """The processor's model name (Linux), else what platform knows, with the number of cores."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def peak_tflops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
@@ -228,7 +240,7 @@ def main():
     if device.type == "cuda":                                  # as train() sets them
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else train.environment(device)["device"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     config = VKDConfig(method=args.method, cnn_width=16, latent_dim=64, text_dim=64, text_layers=2, max_len=64)
     print(f"benchmark on {device_name} ({device.type}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
           f"{args.method}, {args.image_size} px, batch {args.batch_size}, amp {args.amp}, {args.rounds} rounds")
