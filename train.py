@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +76,8 @@ def get_args(argv=None):
     add("--out", default=None, help="run folder (default: runs/<data>-<method>-seed<seed>); with --method all or "
                                     "--seeds, the folder that holds those run folders (default: runs)")
     add("--resume", action="store_true", help="continue from <out>/last.pt with its saved config (default: off)")
+    add("--allow-missing-labels", action="store_true",
+        help="train even when a label has no positive training image (its AUROC is then meaningless) (default: stop)")
     add("--stop-after", type=int, default=None,
         help="leave after this many epochs of this invocation, e.g. for time-limited jobs; continue with --resume "
              "(default: run to --epochs)")
@@ -298,7 +301,8 @@ def model_input(x, pixel_mean, pixel_std, augment_rng=None, rank=0, world_size=1
 # --------------------------------------------------------------------------------------------------- step
 
 def train_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args):
-    """One optimisation step in the standard order; returns the loss parts as device tensors (no host sync).
+    """One optimisation step in the standard order; returns the loss parts and the gradient norm before
+    clipping as device tensors (no host sync).
 
     `forward` is the model as called (compiled and/or DDP-wrapped), `model` the plain module whose gradients
     are clipped. With fp16 the scaler scales the loss and unscales the gradients before clipping; with fused
@@ -308,13 +312,47 @@ def train_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args)
         parts = forward(x, t, y, beta, args.prior_weight, args.latent_samples)
     scaler.scale(parts["loss"]).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)   # inf/NaN: a bad step
     scaler.step(optimizer)
     scaler.update()
     return parts
 
 
 # ------------------------------------------------------------------------------------------------- train
+
+class TrainingStopped(Exception):
+    """The run cannot go on (non-finite losses); the message says which checkpoint is kept and what to try."""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training: the step in flight finishes, last.pt is written at that exact step, and
+    the run exits; a second Ctrl-C stops at once. Checked between steps as a plain Python flag (no device sync)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        tqdm.write("Ctrl-C: finishing this step, then saving last.pt (Ctrl-C again to quit without saving)")
+
+    def __exit__(self, *exception):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def check_finite(bad_steps, steps, epoch, amp, out, saved_epoch):
+    """Non-finite loss or gradients. With fp16 the GradScaler already skipped those steps (and lowered its
+    scale): they are only counted, unless they are most of the epoch. Otherwise the update has reached the
+    weights, so the run stops here, before anything is saved, and the last good checkpoint stays as it is."""
+    if bad_steps == 0 or (amp == "fp16" and bad_steps <= steps // 2):
+        return
+    kept = (f"{out}/last.pt keeps epoch {saved_epoch + 1}" if saved_epoch is not None
+            else "no checkpoint had been written yet")
+    raise TrainingStopped(f"non-finite loss or gradients in {bad_steps} of {steps} steps of epoch {epoch + 1}; stopped "
+                          f"without saving them ({kept}). Try a lower --lr, --amp bf16 or off, and check the inputs")
+
 
 def resume_args(args):
     """For --resume: the run's saved config (with --epochs/--stop-after of this command) and its last.pt."""
@@ -386,8 +424,12 @@ def train(args):
     if truncated > 0.05 and main_process:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
     missing = [name for k, name in enumerate(collection.label_names) if np.nansum(collection.labels[train_idx, k]) == 0]
+    if missing and not args.allow_missing_labels:
+        raise data.DataError(f"no positive training image for {', '.join(missing)}: the model cannot learn "
+                             f"{'it' if len(missing) == 1 else 'them'}. Use more data, another --split-seed, drop the "
+                             f"label (--csv-labels), or pass --allow-missing-labels to train anyway")
     if missing and main_process:
-        print(f"warning: no positive training sample for {', '.join(missing)}")
+        print(f"warning: no positive training image for {', '.join(missing)} (--allow-missing-labels)")
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
@@ -416,6 +458,8 @@ def train(args):
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step, best_auroc = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_auroc"]
         set_rng_states(checkpoint["rng"], device)
+    # a checkpoint written on Ctrl-C is part-way through epoch start_epoch: the steps it has done are skipped
+    interrupted = checkpoint.get("interrupted") if checkpoint is not None else None
     # `model` stays the plain module (saved, evaluated, clipped); `forward` is what the step calls
     forward = torch.compile(model) if args.compile else model
     if world_size > 1:
@@ -436,65 +480,94 @@ def train(args):
         log.writelines(line + "\n" for line in log_lines)
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     first_step = step
-    for epoch in range(start_epoch, end_epoch):
-        # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them exactly.
-        order = epoch_order(train_idx, args.seed, epoch, args.batch_size, rank, world_size).to(device)
-        augment_rng = (torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
-                       if not args.no_augment else None)
-        epoch_batches = (batches if torch.is_tensor(images) else streamed_batches)(
-            images, tokens, labels, order, args.batch_size // world_size)
-        model.train()
-        sums = torch.zeros(4, device=device)              # loss parts summed on the device: no sync per step
-        epoch_start = time.time()
-        bar = tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   unit="step", disable=not main_process)
-        for i, (x, t, y) in enumerate(bar):
-            x = model_input(x, args.pixel_mean, args.pixel_std, augment_rng, rank, world_size, args.channels_last)
-            parts = train_step(model, forward, optimizer, scaler, autocast, x, t, y, betas[step], args)
-            lr = optimizer.param_groups[0]["lr"]                # the rate this step used, for the log
-            step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps)
-            sums += torch.stack([parts[k].detach().float() for k in ("loss", "bce_posterior", "bce_prior", "kl")])
-            if step == first_step + 1:
-                synchronize(device)
-                run_record["first_step_s"] = time.time() - epoch_start      # includes compilation with --compile
-                run_record["time_to_first_step_s"] = time.time() - start_time
-            if args.log_every and (i + 1) % args.log_every == 0:          # the one host sync every N steps
-                bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
-        if world_size > 1:
-            dist.all_reduce(sums)                          # loss parts averaged over all processes' batches
-        loss, bce_posterior, bce_prior, kl = (sums / (steps_per_epoch * world_size)).tolist()
-        train_time = time.time() - epoch_start
-        if not main_process:
-            continue
+    saved_epoch = start_epoch - 1 if checkpoint is not None else None
 
-        p, _ = evaluate.predict(model, images, tokens, val_idx, config, device)
-        val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
-        record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
-                  "bce_prior": bce_prior, "kl": kl, "beta": betas[step - 1].item(), "lr": lr,
-                  "val_macro_auroc": val_auroc, "images_per_s": steps_per_epoch * args.batch_size / train_time,
-                  "epoch_s": time.time() - epoch_start}
-        tqdm.write(f"epoch {epoch + 1:3d} step {step:6d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} "
-                   f"bce_p {bce_prior:.3f} kl {kl:7.3f}) | beta {record['beta']:.3f} | lr {lr:.2e} | "
-                   f"val macro AUROC {val_auroc:.4f} | {record['images_per_s']:.0f} img/s | {record['epoch_s']:.1f}s")
-        if epoch == start_epoch and args.compile:
-            tqdm.write(f"torch.compile: the first step took {run_record['first_step_s']:.1f}s, compilation included")
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+    def checkpoint_state(epoch, **extra):
+        """last.pt / best.pt: a plain dict of tensors and numbers (loadable with weights_only=True)."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "best_auroc": best_auroc, "config": config,
+                "model_config": vars(model_config), "tokenizer": "tokenizer.json", "split_sha256": split_sha256,
+                "label_names": collection.label_names, "rng": rng_states(device)} | extra
 
-        # best by validation macro AUROC; an undefined AUROC (no label with both classes) never wins,
-        # but the first epoch is always saved so that best.pt exists
-        score = -math.inf if math.isnan(val_auroc) else val_auroc
-        is_best = score > best_auroc or not (out / "best.pt").exists()
-        best_auroc = max(best_auroc, score)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "step": step, "best_auroc": best_auroc, "val_macro_auroc": val_auroc,
-                 "config": config, "model_config": vars(model_config), "tokenizer": "tokenizer.json",
-                 "split_sha256": split_sha256, "label_names": collection.label_names, "rng": rng_states(device)}
-        if is_best:
-            save_checkpoint(out / "best.pt", state)
-        save_checkpoint(out / "last.pt", state)
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, end_epoch):
+            # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them
+            order = epoch_order(train_idx, args.seed, epoch, args.batch_size, rank, world_size).to(device)
+            augment_rng = (torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
+                           if not args.no_augment else None)
+            sums = torch.zeros(5, device=device)      # loss parts and non-finite steps, summed on the device: no sync
+            done = 0                                  # steps of this epoch already taken
+            if interrupted is not None:
+                done, sums = interrupted["steps_done"], interrupted["sums"].to(device)
+                if augment_rng is not None:
+                    augment_rng.set_state(interrupted["augment_rng"])
+                interrupted = None
+            epoch_batches = (batches if torch.is_tensor(images) else streamed_batches)(
+                images, tokens, labels, order[done * (args.batch_size // world_size):], args.batch_size // world_size)
+            model.train()
+            epoch_start = time.time()
+            bar = tqdm(epoch_batches, total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       leave=False, unit="step", disable=not main_process)
+            for i, (x, t, y) in enumerate(bar, start=done):
+                x = model_input(x, args.pixel_mean, args.pixel_std, augment_rng, rank, world_size, args.channels_last)
+                parts = train_step(model, forward, optimizer, scaler, autocast, x, t, y, betas[step], args)
+                lr = optimizer.param_groups[0]["lr"]                # the rate this step used, for the log
+                step += 1
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps)
+                sums += torch.stack([parts[k].detach().float() for k in ("loss", "bce_posterior", "bce_prior", "kl")]
+                                    + [~(parts["loss"].isfinite() & parts["grad_norm"].isfinite())])
+                if step == first_step + 1:
+                    synchronize(device)
+                    run_record["first_step_s"] = time.time() - epoch_start      # includes compilation with --compile
+                    run_record["time_to_first_step_s"] = time.time() - start_time
+                if args.log_every and (i + 1) % args.log_every == 0:          # the one host sync every N steps
+                    bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
+                if stop.requested:                     # exactly where this epoch stands, to continue from here
+                    if main_process:
+                        save_checkpoint(out / "last.pt", checkpoint_state(epoch - 1, interrupted={
+                            "steps_done": i + 1, "sums": sums.cpu(),
+                            "augment_rng": augment_rng.get_state() if augment_rng is not None else None}))
+                        log.close()
+                        print(f"\ninterrupted at step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; saved "
+                              f"{out}/last.pt. Continue with: python train.py --out {out} --resume")
+                    finish_distributed(world_size)
+                    raise KeyboardInterrupt
+            if world_size > 1:
+                dist.all_reduce(sums)                          # loss parts averaged over all processes' batches
+            loss, bce_posterior, bce_prior, kl = (sums[:4] / (steps_per_epoch * world_size)).tolist()
+            bad_steps = int(sums[4].item())
+            check_finite(bad_steps, steps_per_epoch * world_size, epoch, amp, out, saved_epoch)
+            train_time = time.time() - epoch_start
+            if not main_process:
+                continue
+
+            p, _ = evaluate.predict(model, images, tokens, val_idx, config, device)
+            val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
+            record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
+                      "bce_prior": bce_prior, "kl": kl, "beta": betas[step - 1].item(), "lr": lr,
+                      "val_macro_auroc": val_auroc, "images_per_s": steps_per_epoch * args.batch_size / train_time,
+                      "epoch_s": time.time() - epoch_start, "nonfinite_steps": bad_steps}
+            tqdm.write(f"epoch {epoch + 1:3d} step {step:6d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} "
+                       f"bce_p {bce_prior:.3f} kl {kl:7.3f}) | beta {record['beta']:.3f} | lr {lr:.2e} | "
+                       f"val macro AUROC {val_auroc:.4f} | {record['images_per_s']:.0f} img/s | "
+                       f"{record['epoch_s']:.1f}s")
+            if epoch == start_epoch and args.compile:
+                tqdm.write(f"torch.compile: the first step took {run_record['first_step_s']:.1f}s, "
+                           f"compilation included")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+            # best by validation macro AUROC; an undefined AUROC (no label with both classes) never wins,
+            # but the first epoch is always saved so that best.pt exists
+            score = -math.inf if math.isnan(val_auroc) else val_auroc
+            is_best = score > best_auroc or not (out / "best.pt").exists()
+            best_auroc = max(best_auroc, score)
+            state = checkpoint_state(epoch, val_macro_auroc=val_auroc)
+            if is_best:
+                save_checkpoint(out / "best.pt", state)
+            save_checkpoint(out / "last.pt", state)
+            saved_epoch = epoch
     if main_process:
         log.close()
         if end_epoch < args.epochs:
@@ -556,8 +629,14 @@ def main():
             run_recipe(args)
         else:
             train(args)
-    except data.DataError as error:
+    except (data.DataError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"error: the device ran out of memory at --batch-size {args.batch_size}; try --batch-size "
+                 f"{max(1, args.batch_size // 2)}, a smaller --image-size, or --preload no (the image cache then "
+                 f"stays in host memory)")
+    except KeyboardInterrupt:
+        sys.exit(130)                             # the message (and last.pt, when saved) came from train()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8",
         "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps", "2",
-        "--beta-warmup-epochs", "1", "--epochs", "3"]
+        "--beta-warmup-epochs", "1", "--epochs", "3",
+        "--allow-missing-labels"]
 
 
 def run_train(args, **kwargs):
@@ -32,6 +33,10 @@ def wait_for_epochs(log, count, process, timeout=240):
         assert process.poll() is None, process.stdout.read()[-3000:]
         time.sleep(0.05)
     pytest.fail(f"{log} did not reach {count} epochs in {timeout}s")
+
+
+def steps_per_epoch(run):
+    return json.loads((run / "log.jsonl").read_text().splitlines()[0])["step"]
 
 
 def assert_same_run(a, b):
@@ -89,3 +94,83 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     monkeypatch.undo()
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["epoch"] == 1 and torch.equal(checkpoint["weights"], torch.arange(4.0))
+
+
+def test_ctrl_c_saves_the_exact_step_and_resume_gives_the_same_run(uninterrupted):
+    tmp, data_dir = uninterrupted
+    out = tmp / "ctrl-c"
+    process = run_train(TINY + ["--data-dir", str(data_dir), "--out", str(out)])
+    wait_for_epochs(out / "log.jsonl", 1, process)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "Continue with: python train.py --out" in output and "Traceback" not in output
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    if "interrupted" in checkpoint:                                   # stopped inside epoch 2 (the usual case)
+        assert checkpoint["epoch"] == 0 and 0 < checkpoint["interrupted"]["steps_done"] <= steps_per_epoch(out)
+    resumed = run_train(["--out", str(out), "--resume"])
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert_same_run(tmp / "whole", out)
+
+
+def test_mid_epoch_checkpoint_resumes_bit_identically_in_process(uninterrupted, monkeypatch):
+    """The same as Ctrl-C, deterministic: the stop request arrives after the 3rd step of epoch 2."""
+    tmp, data_dir = uninterrupted
+    out = tmp / "in-process"
+    real_step, calls, steps = train.train_step, [], steps_per_epoch(tmp / "whole")
+
+    def step_then_request_stop(*args, **kwargs):
+        parts = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == steps + 3:
+            train.signal.raise_signal(train.signal.SIGINT)
+        return parts
+
+    monkeypatch.setattr(train, "train_step", step_then_request_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(out)]))
+    monkeypatch.undo()
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["step"] == steps + 3
+    assert checkpoint["interrupted"]["steps_done"] == 3
+    train.train(train.get_args(["--out", str(out), "--resume"]))
+    assert_same_run(tmp / "whole", out)
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(uninterrupted, monkeypatch):
+    tmp, data_dir = uninterrupted
+    out = tmp / "nan"
+    real_step, calls, steps = train.train_step, [], steps_per_epoch(tmp / "whole")
+
+    def nan_from_epoch_two(model, forward, optimizer, scaler, autocast, x, t, y, beta, args):
+        calls.append(1)
+        if len(calls) > steps:
+            x = x * float("nan")                                      # a corrupt input batch
+        return real_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args)
+
+    monkeypatch.setattr(train, "train_step", nan_from_epoch_two)
+    with pytest.raises(train.TrainingStopped, match=rf"non-finite loss or gradients in {steps} of {steps} steps of "
+                                                    r"epoch 2; stopped without saving them \(.*last.pt keeps epoch 1\)"):
+        train.train(train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(out)]))
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_gives_a_message_not_a_traceback(monkeypatch, capsys):
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "train", out_of_memory)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--batch-size", "64"])
+    with pytest.raises(SystemExit, match=r"ran out of memory at --batch-size 64; try --batch-size 32"):
+        train.main()
+
+
+def test_a_label_without_training_positives_stops_unless_allowed(uninterrupted):
+    tmp, data_dir = uninterrupted
+    args = [a for a in TINY if a != "--allow-missing-labels"] + ["--data-dir", str(data_dir), "--out", str(tmp / "x")]
+    with pytest.raises(train.data.DataError, match=r"no positive training image for Enlarged Cardiomediastinum, "
+                                                   r"Consolidation: .*--allow-missing-labels"):
+        train.train(train.get_args(args))
