@@ -311,26 +311,47 @@ def latent_means(model, images, tokens, indices, config, device, batch_size=256)
     return np.concatenate(mu_p), np.concatenate(mu_q) if mu_q else None
 
 
-def load_collection(checkpoint, checkpoint_path, data_dir=None, with_text=False):
-    """Rebuild the checkpoint's collection and split -> (images, tokens or None, labels, groups, splits).
-    Tokens are built for the `text` model (it reads reports) or when asked (posterior means for a picture)."""
+def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=False):
+    """Rebuild a collection -> (images, tokens or None, labels (N, K), groups, splits), with K = the checkpoint's
+    labels. Tokens are built for the `text` model (it reads reports) or when asked (posterior means for a picture).
+
+    By default this is the checkpoint's own collection, and its split must be the one trained on. Data options
+    (evaluate.py's --data, --data-dir, ...) may name another collection: cross-dataset evaluation, e.g. a model
+    trained on MIMIC-CXR tested on OpenI. Its labels are matched to the checkpoint's by name; a label the other
+    collection does not have is NaN (not observed), so every metric leaves it out."""
     config = checkpoint["config"]
-    collection = data.prepare_from(config | {"data_dir": data_dir or config["data_dir"]})
-    if data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
-        raise data.DataError(f"the {config['data']} collection under {data_dir or config['data_dir']} gives "
+    options = config | {name: value for name, value in (data_options or {}).items() if value is not None}
+    collection = data.prepare_from(options)
+    same_collection = all(options.get(name) == config.get(name) for name in data.DATA_OPTIONS if name != "data_dir")
+    if same_collection and data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
+        raise data.DataError(f"the {config['data']} collection under {options['data_dir']} gives "
                              f"a different split than the one {checkpoint_path} was trained on")
-    images = data.image_cache(collection, config["image_size"], config.get("strict", False))
+    images = data.image_cache(collection, config["image_size"], options.get("strict", False))
     tokens = None
     if checkpoint["model_config"]["method"] == "text" or with_text:
         tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")
         tokens = data.sample_tokens(collection, tokenizer, checkpoint["model_config"]["max_len"])
-    return images, tokens, collection.labels, collection.report_index, collection.splits
+    trained = checkpoint.get("label_names", LABELS)
+    labels = collection.labels
+    if collection.label_names != trained:
+        shared = [name for name in trained if name in collection.label_names]
+        if not shared:
+            raise data.DataError(f"{checkpoint_path} predicts {trained}; the {options['data']} collection has none "
+                                 f"of these labels ({collection.label_names})")
+        labels = np.full((len(collection.labels), len(trained)), np.nan, dtype=np.float32)   # (N, K)
+        for k, name in enumerate(trained):
+            if name in shared:
+                labels[:, k] = collection.labels[:, collection.label_names.index(name)]
+        left_out = [name for name in trained if name not in shared]
+        print(f"evaluating on {options['data']}: {len(shared)} shared labels"
+              + (f"; not in this collection, left out: {', '.join(left_out)}" if left_out else ""), file=sys.stderr)
+    return images, tokens, labels, collection.report_index, collection.splits
 
 
-def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_dir=None):
+def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_options=None):
     """-> (labels (N, K), probabilities (N, K), report groups (N,), checkpoint dict) of a checkpoint on one split."""
     model, checkpoint = load_checkpoint(path, device)
-    images, tokens, labels, groups, splits = load_collection(checkpoint, path, data_dir)
+    images, tokens, labels, groups, splits = load_collection(checkpoint, path, data_options)
     indices = splits[split]
     p, _ = predict(model, images, tokens, indices, checkpoint["config"], device, num_samples=num_samples)
     return labels[indices], p, groups[indices], checkpoint
@@ -469,9 +490,10 @@ def seed_statistics(values):
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
 
 
-def compare_checkpoints(paths, device="cpu", num_samples=0, num_resamples=1000, seed=0, data_dir=None):
+def compare_checkpoints(paths, device="cpu", num_samples=0, num_resamples=1000, seed=0, data_options=None):
     """Several checkpoints evaluated on their common test split and compared (see compare_runs)."""
-    return compare_runs(paths, [evaluate_checkpoint(path, "test", device, num_samples, data_dir) for path in paths],
+    return compare_runs(paths, [evaluate_checkpoint(path, "test", device, num_samples, data_options)
+                                for path in paths],
                         num_resamples, seed)
 
 
@@ -773,6 +795,7 @@ def plot_latents(named_means, y_label, label_name, out):
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate VKD checkpoints from images only.")
+    data.add_data_args(parser, inherit=True)           # another collection: cross-dataset evaluation
     add = parser.add_argument
     add("--ckpt", default=None, help="checkpoint written by train.py (default: none; needed unless --compare)")
     add("--compare", nargs="+", default=None, metavar="CKPT",
@@ -801,7 +824,6 @@ def get_args(argv=None):
     add("--latent-label", default=None, help="label colouring the latent picture (default: the most frequent)")
     add("--out", default=None, help="folder for pictures and overlays (default: the checkpoint's run folder; "
                                     "with --compare: runs/compare)")
-    add("--data-dir", default=None, help="override the checkpoint's data folder (default: its own)")
     add("--device", default="cpu", help="torch device (default: cpu)")
     add("--json", action="store_true", help="print the results as JSON (default: off)")
     args = parser.parse_args(argv)
@@ -812,6 +834,11 @@ def get_args(argv=None):
     if args.compare and args.image:
         parser.error("--image takes one --ckpt, not --compare")
     return args
+
+
+def data_options(args):
+    """The data options given on the command line (None: the checkpoint's own), see load_collection."""
+    return {name: getattr(args, name) for name in data.DATA_OPTIONS}
 
 
 def single_images(args):
@@ -851,7 +878,7 @@ def single_run(args):
     model, checkpoint = load_checkpoint(args.ckpt, args.device)
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
     label_names = checkpoint.get("label_names", LABELS)
-    images, tokens, labels, groups, splits = load_collection(checkpoint, args.ckpt, args.data_dir,
+    images, tokens, labels, groups, splits = load_collection(checkpoint, args.ckpt, data_options(args),
                                                              with_text=args.plots and method != "image")
     test_idx, val_idx = splits[args.split], splits["val"]
     y, y_val = labels[test_idx], labels[val_idx]
@@ -920,7 +947,7 @@ def cam_picture(model, images, indices, y, p, config, label_names, args, out):
 def comparison(args):
     """--compare: the comparison tables; with --plots, ROC and PR curves of the first seed of each method."""
     paths = ([args.ckpt] if args.ckpt else []) + args.compare
-    runs = [evaluate_checkpoint(path, "test", args.device, args.samples, args.data_dir) for path in paths]
+    runs = [evaluate_checkpoint(path, "test", args.device, args.samples, data_options(args)) for path in paths]
     result = compare_runs(paths, runs, args.bootstrap, args.seed)
     if args.plots:
         out = Path(args.out or "runs/compare")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -345,21 +346,72 @@ TINY = ["--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent
         "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps", "1", "--epochs", "2"]
 
 
-@pytest.mark.parametrize("collection_args", ["mimic", "csv"])
-def test_training_on_mimic_and_own_csv_with_ignored_uncertain_labels(mimic, tmp_path, collection_args):
+def train_tiny(args, out):
     import train
-    if collection_args == "mimic":
-        args = ["--data", "mimic", "--data-dir", str(mimic[0])]
-    else:
-        args = ["--data", "csv", "--csv", str(own_csv(tmp_path / "own", num_rows=40))]
-    run = tmp_path / "run"
-    metrics = train.train(train.get_args(args + TINY + ["--uncertain", "ignore", "--out", str(run)]))
-    names = LABELS if collection_args == "mimic" else ["mass", "tube"]
-    assert list(metrics["per_label"]) == names
-    assert all(np.isfinite(json.loads(line)["loss"]) for line in (run / "log.jsonl").read_text().splitlines())
-    checkpoint = __import__("torch").load(run / "best.pt", weights_only=True)
-    assert checkpoint["label_names"] == names and checkpoint["config"]["uncertain"] == "ignore"
-    result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json",
-                             "--bootstrap", "20"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return train.train(train.get_args(args + TINY + ["--uncertain", "ignore", "--out", str(out)]))
+
+
+def evaluate_json(*args):
+    result = subprocess.run([sys.executable, "evaluate.py", "--json", "--bootstrap", "20", *map(str, args)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["macro_auroc"] == pytest.approx(metrics["macro_auroc"])
+    return json.loads(result.stdout), result.stderr
+
+
+@pytest.fixture(scope="module")
+def mimic_run(mimic, tmp_path_factory):
+    run = tmp_path_factory.mktemp("mimic-run") / "run"
+    return run, train_tiny(["--data", "mimic", "--data-dir", str(mimic[0])], run)
+
+
+def test_training_on_mimic_with_ignored_uncertain_labels(mimic_run):
+    run, metrics = mimic_run
+    assert list(metrics["per_label"]) == LABELS
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in (run / "log.jsonl").read_text().splitlines())
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["label_names"] == LABELS and checkpoint["config"]["uncertain"] == "ignore"
+    result, _ = evaluate_json("--ckpt", run / "best.pt")
+    assert result["macro_auroc"] == pytest.approx(metrics["macro_auroc"])
+
+
+def test_training_on_an_own_csv_with_its_own_label_names(tmp_path):
+    run = tmp_path / "run"
+    metrics = train_tiny(["--data", "csv", "--csv", str(own_csv(tmp_path / "own", num_rows=40))], run)
+    assert list(metrics["per_label"]) == ["mass", "tube"]
+    assert torch.load(run / "best.pt", weights_only=True)["label_names"] == ["mass", "tube"]
+    result, _ = evaluate_json("--ckpt", run / "best.pt")
+    assert result["macro_auroc"] == pytest.approx(metrics["macro_auroc"])
+
+
+def test_cross_dataset_evaluation_scores_the_shared_labels_only(mimic_run, tmp_path):
+    """A MIMIC-trained checkpoint on another collection (a CSV with two of its labels and one it lacks)."""
+    import evaluate
+    run, _ = mimic_run
+    (tmp_path / "img").mkdir()
+    rows = [[f"img/{i}.jpg", f"Report {i}.", i % 2, (i // 2) % 2, i % 3 == 0] for i in range(40)]
+    for i in range(40):
+        write_jpg(tmp_path / "img" / f"{i}.jpg", seed=100 + i)
+    path = write_csv(tmp_path / "other.csv", ["image", "text", "Edema", "Pneumothorax", "Tuberculosis"],
+                     [row[:4] + [int(row[4])] for row in rows])
+    result, stderr = evaluate_json("--ckpt", run / "best.pt", "--data", "csv", "--csv", path)
+    assert "2 shared labels; not in this collection, left out: No Finding" in stderr
+    scored = {name for name, m in result["per_label"].items() if m["auroc"] is not None}
+    assert scored == {"Edema", "Pneumothorax"}
+    # the same numbers by hand: the model's Edema column against the CSV's Edema labels on its test split
+    collection = data.prepare("csv", csv=str(path))
+    test = collection.splits["test"]
+    model, checkpoint = evaluate.load_checkpoint(run / "best.pt")
+    p, _ = evaluate.predict(model, data.image_cache(collection, 32), None, test, checkpoint["config"], "cpu")
+    k = LABELS.index("Edema")
+    expected = evaluate.auroc(collection.labels[test, collection.label_names.index("Edema")], p[:, k])
+    assert result["per_label"]["Edema"]["auroc"] == pytest.approx(expected)
+    assert result["macro_auroc"] == pytest.approx(np.mean([result["per_label"][n]["auroc"] for n in scored]))
+
+
+def test_cross_dataset_evaluation_without_shared_labels_says_so(mimic_run, tmp_path):
+    run, _ = mimic_run
+    path = own_csv(tmp_path, num_rows=12)
+    result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--data", "csv",
+                             "--csv", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the csv collection has none of these labels (['mass', 'tube'])" in result.stderr
