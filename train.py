@@ -130,15 +130,35 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def environment(device):
+def git(*args):
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
     except OSError:
-        commit = None
-    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        return ""
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """What a reader needs to rerun this: the code (commit, and whether it had uncommitted changes), the
+    library versions and the hardware."""
+    import PIL
+    import tokenizers
+    import torchvision
+    return {"git_commit": git("rev-parse", "HEAD").strip() or None,
+            "git_uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cpu": cpu_name(), "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -466,6 +486,7 @@ def train(args):
         forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     config = vars(args)
     run_record = {"config": config, "environment": environment(device), "model": describe(model),
+                  "split_sha256": split_sha256,
                   "data": collection.summary, "amp": amp, "world_size": world_size,
                   "preloaded": torch.is_tensor(images)}
     if main_process:
@@ -579,7 +600,7 @@ def train(args):
     metrics = evaluate_best(out, collection, images, tokens, config, device, args.bootstrap)
     metrics |= {"method": args.method, "wall_s": time.time() - start_time}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    run_record["metrics"] = metrics
+    run_record["metrics"], run_record["wall_s"] = metrics, metrics["wall_s"]
     (out / "run.json").write_text(json.dumps(run_record, indent=1))
     print(evaluate.format_metrics(metrics, f"test AUROC of {out / 'best.pt'} (best val epoch {metrics['best_epoch']})"))
     print(f"wall time {metrics['wall_s']:.0f}s; results in {out}/")
@@ -606,14 +627,17 @@ def run_recipe(args):
     methods = ("image", "vkd", "text") if args.method == "all" else (args.method,)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
     root = Path(args.out or "runs")
-    checkpoints = []
+    checkpoints, other_process = [], int(os.environ.get("RANK", "0")) > 0
     for seed in seeds:
         for method in methods:
             out = root / f"{args.data}-{method}-seed{seed}"
             print(f"\n=== {method}, seed {seed} -> {out}")
-            if train(argparse.Namespace(**vars(args) | {"method": method, "seed": seed, "out": str(out)})) is None:
-                return None                  # stopped early (--stop-after), or not the process that evaluates
+            metrics = train(argparse.Namespace(**vars(args) | {"method": method, "seed": seed, "out": str(out)}))
+            if metrics is None and not other_process:
+                return None                                   # stopped early (--stop-after)
             checkpoints.append(out / "best.pt")
+    if other_process:
+        return None                                           # under torchrun, process 0 compares
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     result = evaluate.compare_checkpoints(checkpoints, device, num_resamples=args.bootstrap, seed=0)
     (root / f"{args.data}-comparison.json").write_text(json.dumps(result, indent=1))

@@ -165,3 +165,15 @@ def test_bad_options_give_clear_errors(tmp_path):
     with pytest.raises(train.data.DataError, match="--amp fp16 needs a CUDA device"):
         train.train(train.get_args(TINY + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "r"),
                                            "--device", "cpu", "--amp", "fp16"]))
+
+
+def test_run_json_records_what_a_rerun_needs(uninterrupted):
+    tmp, metrics = uninterrupted
+    record = json.loads((tmp / "run" / "run.json").read_text())
+    environment = record["environment"]
+    for key in ("git_commit", "git_uncommitted_changes", "python", "torch", "torchvision", "tokenizers", "numpy",
+                "pillow", "device", "cpu"):
+        assert key in environment, key
+    assert record["split_sha256"] == torch.load(tmp / "run" / "best.pt", weights_only=True)["split_sha256"]
+    assert record["config"]["seed"] == 0 and record["config"]["pixel_mean"] > 0
+    assert record["wall_s"] == metrics["wall_s"] and record["metrics"]["macro_auroc"] == metrics["macro_auroc"]
