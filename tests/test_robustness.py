@@ -15,7 +15,7 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8",
         "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps", "2",
-        "--beta-warmup-epochs", "1", "--epochs", "3",
+        "--beta-warmup-epochs", "1", "--epochs", "8",
         "--allow-missing-labels"]
 
 
@@ -68,7 +68,7 @@ def test_sigkill_in_the_middle_of_an_epoch_then_resume_gives_the_same_run(uninte
     out = tmp / "killed"
     process = run_train(TINY + ["--data-dir", str(data_dir), "--out", str(out)])
     wait_for_epochs(out / "log.jsonl", 1, process)
-    time.sleep(0.3)                                                   # into epoch 2
+    time.sleep(0.05)                     # into epoch 2; 7 epochs are left, so the run cannot be over
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
@@ -101,7 +101,7 @@ def test_ctrl_c_saves_the_exact_step_and_resume_gives_the_same_run(uninterrupted
     out = tmp / "ctrl-c"
     process = run_train(TINY + ["--data-dir", str(data_dir), "--out", str(out)])
     wait_for_epochs(out / "log.jsonl", 1, process)
-    time.sleep(0.3)
+    time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 130, output[-3000:]
