@@ -8,7 +8,9 @@ report (`severity`). Strong signs are easy to see; faint ones are nearly lost in
 variation. The report always names the finding (with a severity word), so the text carries information the
 image shows only weakly, the situation in which a text-informed posterior can teach an image-only prior.
 """
+import os
 import shutil
+from multiprocessing import Pool
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -123,9 +125,25 @@ def draw_anatomy(rng):
             "rib_phase": rng.uniform(0, 0.1), "texture": rng.normal(size=(24, 24))}
 
 
-def draw_xray(rng, anatomy, findings, size=PNG_SIZE):
-    """One radiograph as (size, size) uint8. `rng` draws this exposure's position, noise and contrast."""
-    shift_u, shift_v, zoom = rng.normal(0, 0.03), rng.normal(0, 0.03), rng.uniform(0.94, 1.06)
+def draw_exposure(rng, findings, size=PNG_SIZE):
+    """Everything random about one radiograph (position, blob and nodule positions, mottling, noise, contrast),
+    drawn in a fixed order. draw_xray is then a pure function of it, so images can be drawn in parallel while
+    one random stream, in report order, decides the whole collection."""
+    exposure = {"shift_u": rng.normal(0, 0.03), "shift_v": rng.normal(0, 0.03), "zoom": rng.uniform(0.94, 1.06)}
+    if "Lung Opacity" in findings:
+        exposure["blobs"] = [(rng.normal(0, 0.06), rng.uniform(-0.3, 0.2)) for _ in range(4)]
+    if "Lung Lesion" in findings:
+        exposure["nodule"] = (rng.normal(0, 0.05), rng.uniform(-0.4, 0.1))
+    if "Pneumonia" in findings:
+        exposure["mottle"] = rng.random((size, size))
+    exposure["noise"] = rng.normal(0, rng.uniform(0.02, 0.05), (size, size))
+    exposure["gamma"] = rng.uniform(0.8, 1.25)
+    return exposure
+
+
+def draw_xray(exposure, anatomy, findings, size=PNG_SIZE):
+    """One radiograph as (size, size) uint8, from its exposure (draw_exposure) and the patient's anatomy."""
+    shift_u, shift_v, zoom = exposure["shift_u"], exposure["shift_v"], exposure["zoom"]
     v, u = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     u, v = (u - shift_u) / zoom, (v - shift_v) / zoom
     px = 2.0 / size
@@ -176,13 +194,13 @@ def draw_xray(rng, anatomy, findings, size=PNG_SIZE):
         image += 0.25 * lungs[d] * _sigmoid((v - level) / 0.02)
     if "Lung Opacity" in findings:                      # a few soft blobs in one lung
         d, s = side["Lung Opacity"], sev["Lung Opacity"]
-        for _ in range(4):
-            cu, cv = d * anatomy["lung_u"] + rng.normal(0, 0.06), rng.uniform(-0.3, 0.2)
+        for du, cv in exposure["blobs"]:
+            cu = d * anatomy["lung_u"] + du
             image += (0.03 + 0.09 * s) * lungs[d] * np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / 0.006)
     if "Lung Lesion" in findings:                       # one sharp-edged nodule
         d, s = side["Lung Lesion"], sev["Lung Lesion"]
-        image += (0.05 + 0.10 * s) * lungs[d] * ellipse(d * anatomy["lung_u"] + rng.normal(0, 0.05),
-                                                          rng.uniform(-0.4, 0.1), 0.025 + 0.03 * s,
+        du, cv = exposure["nodule"]
+        image += (0.05 + 0.10 * s) * lungs[d] * ellipse(d * anatomy["lung_u"] + du, cv, 0.025 + 0.03 * s,
                                                           0.025 + 0.03 * s, 0.1)
     if "Edema" in findings:                             # bilateral perihilar haze
         haze = np.exp(-((np.abs(u) - 0.22) ** 2 + v ** 2) / 0.05)
@@ -192,7 +210,7 @@ def draw_xray(rng, anatomy, findings, size=PNG_SIZE):
         image += (0.05 + 0.12 * s) * lungs[d] * ellipse(d * anatomy["lung_u"], 0.25, 0.16, 0.14, 0.08)
     if "Pneumonia" in findings:                         # mottled patches at one base
         d, s = side["Pneumonia"], sev["Pneumonia"]
-        mottle = _blur(rng.random((size, size)), max(1, size // 48))
+        mottle = _blur(exposure["mottle"], max(1, size // 48))
         image += (0.04 + 0.12 * s) * lungs[d] * ellipse(d * anatomy["lung_u"], 0.30, 0.2, 0.12, 0.1) * mottle * 2
     if "Atelectasis" in findings:                       # thin oblique plate at one base
         d, s = side["Atelectasis"], sev["Atelectasis"]
@@ -209,8 +227,8 @@ def draw_xray(rng, anatomy, findings, size=PNG_SIZE):
         dist = np.sqrt((u[None] - cu) ** 2 + (v[None] - cv) ** 2).min(0)
         image += 0.35 * np.exp(-(dist / (2 * px)) ** 2)
         image += 0.35 * ellipse(d * 0.55, -0.75, 0.07, 0.05, 0.05)
-    image = _blur(image, 1) + rng.normal(0, rng.uniform(0.02, 0.05), image.shape)
-    image = np.clip(image, 0, 1) ** rng.uniform(0.8, 1.25)
+    image = _blur(image, 1) + exposure["noise"]
+    image = np.clip(image, 0, 1) ** exposure["gamma"]
     return (image * 255).round().astype(np.uint8)
 
 
@@ -276,7 +294,13 @@ def write_text(rng, findings):
     return findings_text, impression, majors
 
 
-def make_demo(root, num_reports, seed):
+def write_png(job):
+    """Worker side of make_demo: draw one radiograph and save it."""
+    exposure, anatomy, findings, path = job
+    Image.fromarray(draw_xray(exposure, anatomy, findings)).save(path)
+
+
+def make_demo(root, num_reports, seed, workers=None):
     """Write the demo collection under `root` (once; reused when complete) and return `root`.
 
     Layout: root/ecgen-radiology/{n}.xml and root/NLMCXR_png/{image id}.png. About 2% of reports fall in each
@@ -292,6 +316,13 @@ def make_demo(root, num_reports, seed):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
+    workers = workers or min(8, os.cpu_count() or 1)
+    pool, jobs = Pool(workers) if workers > 1 else None, []
+
+    def draw(jobs):                                     # in batches: queued exposures hold their noise arrays
+        list(pool.imap_unordered(write_png, jobs, chunksize=4) if pool else map(write_png, jobs))
+        jobs.clear()
+
     for number in tqdm(range(1, num_reports + 1), desc="drawing demo collection", unit="report"):
         findings = draw_findings(rng)
         findings_text, impression, majors = write_text(rng, findings)
@@ -311,8 +342,14 @@ def make_demo(root, num_reports, seed):
         anatomy = draw_anatomy(rng)
         for image_id in image_ids:
             if not image_id.endswith("-missing"):
-                Image.fromarray(draw_xray(rng, anatomy, findings)).save(images_dir / f"{image_id}.png")
+                jobs.append((draw_exposure(rng, findings), anatomy, findings, images_dir / f"{image_id}.png"))
         xml = write_report(rng, number, findings, image_ids, majors, findings_text, impression)
         (reports_dir / f"{number}.xml").write_text(xml, encoding="utf-8")
+        if len(jobs) >= 64:
+            draw(jobs)
+    draw(jobs)
+    if pool:
+        pool.close()
+        pool.join()
     done.write_text(stamp)
     return root

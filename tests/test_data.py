@@ -680,3 +680,14 @@ def test_a_corrupt_reports_archive_gives_a_clear_error(tmp_path):
     bad_tgz.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(data.DataError, match="NLMCXR_reports.tgz is not a readable .tgz"):
         list(data.iter_report_files(bad_tgz))
+
+
+def test_demo_drawn_in_parallel_is_byte_identical_to_the_serial_draw(tmp_path):
+    from demo import make_demo
+    contents = []
+    for workers in (1, 2):
+        root = make_demo(tmp_path / f"workers{workers}", 40, seed=3, workers=workers)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        contents.append({str(p.relative_to(root)): p.read_bytes() for p in files})
+    assert len([name for name in contents[0] if name.endswith(".png")]) > 40
+    assert contents[0] == contents[1]
