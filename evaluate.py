@@ -13,6 +13,7 @@ below leaves those entries out, label by label. Intervals are 95% percentile boo
 """
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -266,9 +267,19 @@ def rejection_curve(y, p, uncertainty, fractions=(0.1, 0.2, 0.3)):
 
 # ------------------------------------------------------------------------------------------- inference
 
+def read_checkpoint(path, device="cpu"):
+    """The plain dict of a checkpoint written by train.py. torch.load(weights_only=True) unpickles tensors,
+    numbers, strings and containers only: a file that would run code (or is not a checkpoint) is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise data.DataError(f"{path} was refused: not a whole checkpoint of plain tensors and numbers as train.py "
+                             f"writes them ({str(error).splitlines()[0]})") from error
+
+
 def load_checkpoint(path, device="cpu"):
     """A checkpoint written by train.py -> (model in eval mode, checkpoint dict). Never unpickles code."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    checkpoint = read_checkpoint(path, device)
     model = VKD(VKDConfig(**checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
@@ -423,7 +434,11 @@ def predict_files(model, checkpoint, paths, device, num_samples=0, uncertainty_s
     if checkpoint["model_config"]["method"] == "text":
         raise data.DataError("the `text` model reads the report; predict from images with a vkd or image checkpoint")
     config = checkpoint["config"]
-    images = np.stack([data.load_image(path, config["image_size"]) for path in paths])
+    decoded = [data.decode_job((path, config["image_size"])) for path in paths]       # like the cache build
+    problems = [why for _, why in decoded if why is not None]
+    if problems:
+        raise data.DataError("cannot decode " + "; ".join(problems))
+    images = np.stack([pixels for pixels, _ in decoded])
     x = to_input(torch.from_numpy(images).to(device), config["pixel_mean"], config["pixel_std"])
     p, _ = model.predict(x, num_samples)
     if checkpoint["model_config"]["method"] == "image":

@@ -58,12 +58,18 @@ def require_columns(rows, path, columns):
         raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (it has: {rows.fieldnames})")
 
 
+def count(summary, reason, item_id=None):
+    """Count a skipped item under `reason`, keeping its id (for run.json) when it has one."""
+    summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
+    if item_id is not None:
+        summary["skipped_ids"].setdefault(reason, []).append(item_id)
+
+
 def skip(summary, reason, item_id, strict, message):
-    """Count a skipped item under `reason` (its id kept for run.json); with --strict, stop instead."""
+    """A problem with one item: counted like `count`, or with --strict, stop with `message`."""
     if strict:
         raise DataError(f"{message} (--strict; without it this {reason} item would be skipped and counted)")
-    summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
-    summary["skipped_ids"].setdefault(reason, []).append(item_id)
+    count(summary, reason, item_id)
 
 
 # ------------------------------------------------------------------------------------------- MIMIC-CXR
@@ -142,7 +148,7 @@ def read_mimic(root, labeler="chexpert", uncertain="zeros", views="frontal", str
         if views == "all" or view in FRONTAL_VIEWS:
             study[2].append(row["dicom_id"])
         else:
-            summary["skipped"]["not_frontal"] = summary["skipped"].get("not_frontal", 0) + 1
+            count(summary, "not_frontal")                    # an image, not a problem: no id kept
 
     def study_folder(subject_id, study_id):
         return root / "files" / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}"
@@ -163,8 +169,7 @@ def read_mimic(root, labeler="chexpert", uncertain="zeros", views="frontal", str
         reason = ("no_labels" if study_id not in labels_of else "no_report" if study_id not in texts
                   else "no_text" if not (findings or impression) else "no_image" if not jpgs else None)
         if reason:
-            summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
-            summary["skipped_ids"].setdefault(reason, []).append(report_id)
+            count(summary, reason, report_id)
             continue
         reports.append(Report(id=report_id, findings=findings, impression=impression, majors=[],
                               image_ids=dicom_ids))
@@ -218,7 +223,7 @@ def read_csv(csv_path, image_column="image", text_column="text", label_columns=N
             continue
         text = " ".join((row[text_column] or "").split())
         if not text:
-            skip(summary, "no_text", f"line {line}", False, "")
+            count(summary, "no_text", f"line {line}")
             continue
         split = None
         if has_split:

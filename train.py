@@ -379,7 +379,7 @@ def resume_args(args):
     last = Path(args.out) / "last.pt"
     if not last.exists():
         raise data.DataError(f"--resume: {last} does not exist; pass the --out of the run to continue")
-    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint = evaluate.read_checkpoint(last)
     saved = argparse.Namespace(**checkpoint["config"])
     saved.epochs = args.epochs or saved.epochs
     saved.stop_after, saved.resume = args.stop_after, True

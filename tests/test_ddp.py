@@ -101,8 +101,7 @@ def test_rank_slices_cover_the_global_batches_once():
 def test_torchrun_two_processes_end_to_end(tmp_path):
     tiny = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4", "--latent-dim",
             "8", "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps",
-            "2", "--beta-warmup-epochs", "1", "--epochs", "2", "--device", "cpu",
-        "--allow-missing-labels"]
+            "2", "--beta-warmup-epochs", "1", "--epochs", "2", "--device", "cpu", "--allow-missing-labels"]
     out = tmp_path / "run"
     env = os.environ | LOOPBACK | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

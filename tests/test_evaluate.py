@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 import evaluate
+from data import DataError
 from evaluate import (auroc, auroc_summary, average_precision, average_ranks, bootstrap_draws, calibration_bins,
                       choose_threshold, expected_calibration_error, metrics_report, operating_point,
                       paired_difference)
@@ -277,6 +278,17 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
     from evaluate import load_checkpoint
     marker = tmp_path / "payload-ran"
     torch.save({"model": {}, "payload": _Payload(str(marker))}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(DataError, match="evil.pt was refused: not a whole checkpoint") as refused:
         load_checkpoint(tmp_path / "evil.pt")
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    import torch
+
+    from evaluate import load_checkpoint
+    torch.save({"model": {}, "config": {"seed": 0}}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
+    with pytest.raises(DataError, match="cut.pt was refused"):
+        load_checkpoint(tmp_path / "cut.pt")

@@ -17,8 +17,7 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4", "--latent-dim", "8",
         "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "50", "--warmup-steps", "2",
-        "--beta-warmup-epochs", "1", "--epochs", "1",
-        "--allow-missing-labels"]
+        "--beta-warmup-epochs", "1", "--epochs", "1", "--allow-missing-labels"]
 
 
 def run_evaluate(*arguments, check=True):
@@ -104,6 +103,11 @@ def test_single_images_of_any_kind_get_probabilities_and_an_overlay(recipe, tmp_
     assert text.returncode != 0 and "reads the report" in text.stderr and "Traceback" not in text.stderr
     wrong = run_evaluate("--ckpt", checkpoint_path, "--image", paths[0], "--cam", "Nothing", check=False)
     assert "unknown label 'Nothing'" in wrong.stderr and "Traceback" not in wrong.stderr
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    broken = run_evaluate("--ckpt", checkpoint_path, "--image", paths[0], tmp_path / "broken.png",
+                          tmp_path / "absent.jpg", check=False)
+    assert broken.returncode != 0 and "Traceback" not in broken.stderr
+    assert "broken.png" in broken.stderr and "absent.jpg" in broken.stderr
 
 
 def test_grad_cam_looks_at_the_image_only_path():

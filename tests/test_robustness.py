@@ -15,8 +15,7 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8",
         "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps", "2",
-        "--beta-warmup-epochs", "1", "--epochs", "8",
-        "--allow-missing-labels"]
+        "--beta-warmup-epochs", "1", "--epochs", "8", "--allow-missing-labels"]
 
 
 def run_train(args, **kwargs):
@@ -174,3 +173,9 @@ def test_a_label_without_training_positives_stops_unless_allowed(uninterrupted):
     with pytest.raises(train.data.DataError, match=r"no positive training image for Enlarged Cardiomediastinum, "
                                                    r"Consolidation: .*--allow-missing-labels"):
         train.train(train.get_args(args))
+
+
+def test_resume_from_a_damaged_last_checkpoint_says_so(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(train.data.DataError, match=r"last.pt was refused: not a whole checkpoint"):
+        train.train(train.get_args(["--out", str(tmp_path), "--resume"]))

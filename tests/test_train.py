@@ -13,8 +13,7 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4", "--latent-dim", "8",
         "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "50", "--warmup-steps", "2",
-        "--beta-warmup-epochs", "1",
-        "--allow-missing-labels"]
+        "--beta-warmup-epochs", "1", "--allow-missing-labels"]
 
 
 def test_lr_schedule():
