@@ -1,5 +1,5 @@
 """Data: read OpenI-format reports and images, derive the 14 CheXpert labels, split by report,
-train the report tokenizer, cache resized images, and generate the embedded demo collection.
+train the report tokenizer, and cache resized images. MIMIC-CXR and a user's own CSV are read by tables.py.
 
     python data.py --data demo            # prepare the demo collection and print a summary
     python data.py --data demo --json     # the same summary as one JSON object
@@ -43,7 +43,8 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 CACHE_VERSION = 1
 CACHE_CHUNK = 1024                          # images decoded between two progress records
-OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"
+OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"     # the one place it is written; download.py reads it
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")               # --uncertain: what a -1 label of mimic/csv becomes
 
 # MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches when the head
 # equals `head` and, if `qualifiers` is given, at least one of them is among the term's qualifiers.
@@ -516,7 +517,7 @@ def add_data_args(parser, inherit=False):
     add("--demo-reports", 1500, type=int, help="reports in the demo")
     add("--demo-seed", 0, type=int, help="seed that draws the demo")
     add("--openi-url", OPENI_URL, help="where the OpenI archives are")
-    add("--uncertain", "zeros", choices=["zeros", "ones", "ignore"],
+    add("--uncertain", "zeros", choices=UNCERTAIN_POLICIES,
         help="uncertain (-1) labels of mimic/csv become 0, 1, or are left out of loss and AUROC")
     add("--mimic-labels", "chexpert", choices=["chexpert", "negbio"], help="mimic label table")
     add("--views", "frontal", choices=["frontal", "all"], help="mimic views: PA/AP only, or all")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import DataError
+from data import OPENI_URL, DataError
 
 OPENI_REPORTS_SIZE = 1_112_632
 OPENI_REPORTS_SHA256 = "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"
@@ -163,11 +163,11 @@ def safe_extract(archive_path, target):
     return target
 
 
-def fetch_openi(data_dir, base_url="https://openi.nlm.nih.gov/imgs/collections", reports_sha256=OPENI_REPORTS_SHA256,
+def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA256,
                 reports_size=OPENI_REPORTS_SIZE, images_sha256=None, images_size=None, retries=3):
     """Make sure data_dir/openi holds the reports and the PNG folder, downloading only what is missing.
 
-    Returns (root, reports source, images folder) like openi_sources. Files a user put there by hand (the
+    Returns (root, reports source, images folder). Files a user put there by hand (the
     .tgz archives, ecgen-radiology/ or NLMCXR_png/) are used as they are. The reports are read straight
     from the .tgz; the PNG archive is extracted into NLMCXR_png/ (find_images searches it recursively, so
     it does not matter whether the archive has a top folder).

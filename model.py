@@ -97,8 +97,9 @@ class TextEncoder(nn.Module):
     """Transformer over report tokens: (B, T) ids -> (B, text_dim), mean-pooled over non-padding tokens.
 
     Attention runs over the T tokens of each report (batch_first=True), never across the reports of a batch,
-    and positional embeddings are indexed by token position, not batch position (two defects of the authors'
-    code, see METHOD.md).
+    and positional embeddings are indexed by token position, not batch position. The authors' code got both
+    wrong: it fed batch-first tensors to a sequence-first attention (so each token attended across the batch)
+    and indexed its positional encoding by the position in the batch.
     """
 
     def __init__(self, cfg):

@@ -20,7 +20,6 @@ from data import LABELS, DataError, Report
 
 MIMIC_PREFIX = "mimic-cxr-2.0.0"
 MIMIC_URL = "https://physionet.org/content/mimic-cxr-jpg/"
-UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 FRONTAL_VIEWS = {"PA", "AP"}
 MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 # a section header of a MIMIC report: a line that starts with capitals and a colon, e.g. " FINDINGS:"
