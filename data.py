@@ -48,7 +48,7 @@ UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")               # --uncertain: wh
 
 # MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches when the head
 # equals `head` and, if `qualifiers` is given, at least one of them is among the term's qualifiers.
-# "No Finding" is not a rule: it is positive exactly when the only major term is "normal".
+# "No Finding" is not a rule: it is positive exactly when the only major term is "normal" (see labels_from_mesh).
 #   label                          head                       qualifiers
 MESH_RULES = [
     ("Enlarged Cardiomediastinum", "mediastinum",             {"prominent", "enlarged"}),
@@ -108,7 +108,18 @@ def normalise_term(term):
 
 
 def labels_from_mesh(majors):
-    """14-dim 0/1 vector from MeSH major terms, by MESH_RULES."""
+    """14-dim 0/1 vector from MeSH major terms, by MESH_RULES.
+
+    No Finding follows OpenI's own reading: positive only when the sole major term is `normal` (the indexers'
+    word for a normal study; it never co-occurs with another major). This is not CheXpert's rule, which
+    MIMIC-CXR's labels follow: there No Finding is positive when none of the 12 findings (Enlarged
+    Cardiomediastinum ... Fracture) is positive, support devices ignored. The two differ on
+      - a report whose majors name nothing among the 14 (e.g. `Granuloma`, `Spine/degenerative`): CheXpert
+        would call it No Finding, here it is negative for every label (counted in the summary as
+        reports_without_positive_label);
+      - a report whose only finding is a support device: CheXpert No Finding, here Support Devices alone.
+    A No Finding AUROC across the two collections therefore compares two definitions of the label.
+    """
     y = np.zeros(len(LABELS), dtype=np.float32)
     terms = [[normalise_term(part) for part in major.split("/")] for major in majors]
     if [t[0] for t in terms] == ["normal"]:
@@ -166,7 +177,7 @@ def find_images(root):
 class Collection:
     """A prepared collection: one row per image (a sample), each carrying its report's labels and text."""
     root: Path
-    reports: list           # used reports, in reading order
+    reports: list           # used reports, in reading order (one whose images all fail to decode stays, in no split)
     image_paths: list       # (N,) one PNG per sample
     report_index: np.ndarray  # (N,) index into `reports`
     labels: np.ndarray      # (N, 14) float32
@@ -243,28 +254,41 @@ def assemble(root, reports, report_labels, paths, read_summary, split_ids, label
     if empty:
         raise DataError(f"no usable report under {root} falls in the {' and '.join(empty)} split; "
                         f"{len(reports)} reports are too few or the split column leaves it empty")
-    positives = report_labels == 1                        # NaN (ignored) counts as neither
-    summary = {
-        "reports": read_summary["reports"],
-        "reports_used": len(reports),
-        "images_used": len(image_paths),
-        "skipped": read_summary["skipped"],
-        "labels": {name: int(positives[:, k].sum()) for k, name in enumerate(label_names)},
-        "splits": {split: len(split_ids[split]) for split in SPLITS},
-        "labels_per_split": {split: {name: int(positives[report_split == split, k].sum())
-                                     for k, name in enumerate(label_names)} for split in SPLITS},
-        "skipped_ids": read_summary["skipped_ids"],
-    }
-    if np.isnan(report_labels).any():
-        summary["ignored_uncertain"] = {name: int(np.isnan(report_labels[:, k]).sum())
-                                        for k, name in enumerate(label_names)}
     sample_split = report_split[report_index]
-    return Collection(
+    summary = {"reports": read_summary["reports"], "skipped": read_summary["skipped"],
+               "skipped_ids": read_summary["skipped_ids"]}
+    collection = Collection(
         root=Path(root), reports=reports, image_paths=image_paths, report_index=report_index,
         labels=report_labels[report_index].astype(np.float32),
         splits={s: np.flatnonzero(sample_split == s) for s in SPLITS},
         split_ids={split: split_ids[split] for split in SPLITS}, summary=summary, label_names=list(label_names),
     )
+    summary.update(count_used(collection))
+    return collection
+
+
+def count_used(collection):
+    """The summary's counts of exactly what training uses: the samples in the three splits and the reports they
+    come from, labels counted once per report. NaN (an ignored uncertain label) counts as neither 0 nor 1."""
+    reports, first_sample = np.unique(collection.report_index, return_index=True)
+    split_of = np.full(len(collection.reports), "", dtype=object)
+    for split in SPLITS:
+        split_of[collection.report_index[collection.splits[split]]] = split
+    used = split_of[reports] != ""
+    labels, split_of = collection.labels[first_sample[used]], split_of[reports[used]]       # (R, K), (R,)
+    positives, names = labels == 1, collection.label_names
+    counts = {
+        "reports_used": int(used.sum()),
+        "images_used": int(sum(len(collection.splits[split]) for split in SPLITS)),
+        "labels": {name: int(positives[:, k].sum()) for k, name in enumerate(names)},
+        "splits": {split: int((split_of == split).sum()) for split in SPLITS},
+        "labels_per_split": {split: {name: int(positives[split_of == split, k].sum()) for k, name in enumerate(names)}
+                             for split in SPLITS},
+        "reports_without_positive_label": int((~positives.any(1)).sum()),
+    }
+    if np.isnan(labels).any():
+        counts["ignored_uncertain"] = {name: int(np.isnan(labels[:, k]).sum()) for k, name in enumerate(names)}
+    return counts
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -440,12 +464,32 @@ def image_cache(collection, size, strict=False, workers=None):
         raise DataError(f"cannot decode image {next(iter(bad.values()))} (--strict; without it the "
                         f"{len(bad)} undecodable image(s) would be skipped and counted)")
     if bad:
-        print(f"warning: skipped {len(bad)} image(s) that cannot be decoded, e.g. {next(iter(bad.values()))}")
-        drop = np.array(sorted(bad))
-        collection.splits = {split: np.setdiff1d(idx, drop) for split, idx in collection.splits.items()}
-        collection.summary["skipped"]["bad_image"] = len(bad)
-        collection.summary["skipped_ids"]["bad_image"] = [str(collection.image_paths[i]) for i in sorted(bad)]
+        print(f"warning: skipped {len(bad)} image(s) that cannot be decoded, e.g. {next(iter(bad.values()))}",
+              file=sys.stderr)                   # stdout carries only the result (data.py --json: one JSON object)
+        drop_undecodable(collection, sorted(bad))
     return images
+
+
+def drop_undecodable(collection, bad):
+    """Leave the samples at `bad` out of the splits (counted under skipped/bad_image). A report left with no
+    image is skipped whole (skipped/no_decodable_image) and leaves split_ids, so that the split files, their
+    hash and every count of the summary describe exactly what training uses."""
+    collection.splits = {split: np.setdiff1d(idx, bad) for split, idx in collection.splits.items()}
+    kept = set(collection.report_index[np.concatenate(list(collection.splits.values()))].tolist())
+    lost = [report.id for i, report in enumerate(collection.reports) if i not in kept]
+    collection.split_ids = {split: [rid for rid in ids if rid not in lost] for split, ids in collection.split_ids.items()}
+    empty = [split for split in SPLITS if not len(collection.splits[split])]
+    if empty:
+        raise DataError(f"no decodable image is left in the {' and '.join(empty)} split under {collection.root}; "
+                        f"{len(bad)} image(s) cannot be decoded, e.g. {collection.image_paths[bad[0]]}")
+    summary = collection.summary
+    summary["skipped"]["bad_image"] = len(bad)
+    summary["skipped_ids"]["bad_image"] = [str(collection.image_paths[i]) for i in bad]
+    if lost:
+        summary["skipped"]["no_decodable_image"] = len(lost)
+        summary["skipped_ids"]["no_decodable_image"] = lost
+    summary.pop("ignored_uncertain", None)                # recounted: it may have been only in dropped reports
+    summary.update(count_used(collection))
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -454,7 +498,9 @@ def openi_collection(root, reports_source, images_root, split_seed, strict=False
     """OpenI-format reports and PNGs -> Collection, labels from the MeSH majors, a seeded split by report."""
     reports, paths, read_summary = read_openi(reports_source, images_root, strict)
     labels = np.stack([labels_from_mesh(r.majors) for r in reports]) if reports else np.zeros((0, len(LABELS)))
-    return assemble(root, reports, labels, paths, read_summary, split_reports(list(paths), split_seed))
+    collection = assemble(root, reports, labels, paths, read_summary, split_reports(list(paths), split_seed))
+    collection.summary["sources"] = {"reports": str(reports_source), "images": str(images_root)}
+    return collection
 
 
 def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0, openi_url=OPENI_URL,
@@ -497,12 +543,15 @@ def prepare_from(options):
 def print_summary(summary, label_names=LABELS):
     print(f"reports found {summary['reports']}, used {summary['reports_used']}, images {summary['images_used']}")
     print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()) or "none"))
+    if "sources" in summary:
+        print(f"reports from {summary['sources']['reports']}, images from {summary['sources']['images']}")
     width = max(28, *(len(name) + 2 for name in label_names))
     print(f"{'label':{width}s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'all':>7s}")
     for name in label_names:
         counts = [summary["labels_per_split"][s][name] for s in SPLITS]
         print(f"{name:{width}s}" + "".join(f"{n:7d}" for n in counts) + f"{summary['labels'][name]:7d}")
     print(f"{'reports':{width}s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS) + f"{summary['reports_used']:7d}")
+    print(f"reports without any positive label: {summary['reports_without_positive_label']}")
 
 
 def add_data_args(parser, inherit=False):
@@ -530,6 +579,10 @@ def add_data_args(parser, inherit=False):
         add("--image-size", 128, type=int, help="cached image side in px")
 
 
+JSON_SUMMARY_KEYS = ("reports", "reports_used", "images_used", "skipped", "labels", "splits",
+                     "reports_without_positive_label", "ignored_uncertain", "sources")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(parser)
@@ -540,8 +593,7 @@ def main():
         image_cache(collection, args.image_size, args.strict)
     except DataError as error:
         sys.exit(f"error: {error}")
-    summary = {k: collection.summary[k] for k in ("reports", "reports_used", "images_used", "skipped", "labels", "splits",
-                                                  "ignored_uncertain") if k in collection.summary}
+    summary = {k: collection.summary[k] for k in JSON_SUMMARY_KEYS if k in collection.summary}
     if args.json:
         print(json.dumps(summary))
     else:

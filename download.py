@@ -163,18 +163,47 @@ def safe_extract(archive_path, target):
     return target
 
 
+def has_openi_files(folder):
+    """Whether `folder` holds OpenI as downloaded or extracted (by us, or by hand)."""
+    return any((folder / name).exists() for name in ("ecgen-radiology", "NLMCXR_reports.tgz", "NLMCXR_png.tgz",
+                                                      "NLMCXR_png"))
+
+
+def openi_root(data_dir):
+    """The folder holding the OpenI files: DATA_DIR/openi/ (where downloads go), or DATA_DIR itself when the
+    archives (or what they extract to) were put there by hand, e.g. --data-dir ~/Downloads/openi."""
+    data_dir = Path(data_dir)
+    if not has_openi_files(data_dir / "openi") and has_openi_files(data_dir):
+        return data_dir
+    return data_dir / "openi"
+
+
+def png_folder(root):
+    """The folder of PNGs under `root`: NLMCXR_png/, or else the one folder directly inside that holds PNGs (the
+    image archive extracted by hand under another name); None when there is none yet."""
+    if (root / "NLMCXR_png").is_dir():
+        return root / "NLMCXR_png"
+    folders = [path for path in sorted(root.iterdir()) if path.is_dir() and next(path.rglob("*.png"), None)] \
+        if root.is_dir() else []
+    if len(folders) > 1:
+        raise DataError(f"{root} holds several folders of PNGs ({', '.join(p.name for p in folders)}); "
+                        f"rename the one extracted from NLMCXR_png.tgz to NLMCXR_png")
+    return folders[0] if folders else None
+
+
 def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA256,
                 reports_size=OPENI_REPORTS_SIZE, images_sha256=None, images_size=None, retries=3):
-    """Make sure data_dir/openi holds the reports and the PNG folder, downloading only what is missing.
+    """Make sure the OpenI reports and PNG folder are there (see openi_root), downloading only what is missing.
 
-    Returns (root, reports source, images folder). Files a user put there by hand (the
-    .tgz archives, ecgen-radiology/ or NLMCXR_png/) are used as they are. The reports are read straight
-    from the .tgz; the PNG archive is extracted into NLMCXR_png/ (find_images searches it recursively, so
-    it does not matter whether the archive has a top folder).
+    Returns (root, reports source, images folder). Files a user put there by hand (the .tgz archives,
+    ecgen-radiology/, NLMCXR_png/ or another folder of PNGs) are used as they are. The reports are read
+    straight from the .tgz; the PNG archive is extracted into NLMCXR_png/ (find_images searches it
+    recursively, so it does not matter whether the archive has a top folder).
     """
-    root = Path(data_dir) / "openi"
+    root = openi_root(data_dir)
     reports_dir, reports_tgz = root / "ecgen-radiology", root / "NLMCXR_reports.tgz"
-    images, images_tgz = root / "NLMCXR_png", root / "NLMCXR_png.tgz"
+    images_tgz = root / "NLMCXR_png.tgz"
+    images = png_folder(root) or root / "NLMCXR_png"
     wanted = []
     if not reports_dir.is_dir() and not reports_tgz.exists():
         wanted.append((reports_tgz, reports_sha256, reports_size))
@@ -190,7 +219,8 @@ def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA25
                 f"could not download OpenI ({error}).\nDownload by hand:\n"
                 + "".join(f"  {base_url}/{d.name}\n" for d in missing)
                 + f"and put {reports_tgz.name} in {root}/ (as is, or extracted to {reports_dir}/) and "
-                f"{images_tgz.name} in {root}/ (as is, or with its PNGs extracted into {images}/)."
+                f"{images_tgz.name} in {root}/ (as is, or with its PNGs extracted into {images}/), or pass the "
+                f"folder holding them as --data-dir."
                 + (f"\nPartial downloads are kept and resumed next time: {', '.join(parts)}" if parts else "")
             ) from None
     if not images.is_dir():

@@ -333,11 +333,11 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
     config = checkpoint["config"]
     options = config | {name: value for name, value in (data_options or {}).items() if value is not None}
     collection = data.prepare_from(options)
+    images = data.image_cache(collection, config["image_size"], options.get("strict", False))   # final split ids
     same_collection = all(options.get(name) == config.get(name) for name in data.DATA_OPTIONS if name != "data_dir")
     if same_collection and data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
         raise data.DataError(f"the {config['data']} collection under {options['data_dir']} gives "
                              f"a different split than the one {checkpoint_path} was trained on")
-    images = data.image_cache(collection, config["image_size"], options.get("strict", False))
     tokens = None
     if checkpoint["model_config"]["method"] == "text" or with_text:
         tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")

@@ -291,6 +291,19 @@ def test_prepare_openi_reads_the_tgz_from_data_dir(collection, tmp_path):
     assert collection.summary["skipped"] == SKIPPED_COUNTS
 
 
+def test_prepare_openi_from_a_folder_filled_by_hand_says_which_files_it_used(collection, tmp_path):
+    reports_dir, images_dir = collection                                      # tmp_path/openi: move it elsewhere
+    by_hand = tmp_path / "Downloads"
+    by_hand.mkdir()
+    make_tgz(reports_dir, by_hand / "NLMCXR_reports.tgz")
+    os.rename(images_dir, by_hand / "png")
+    shutil.rmtree(tmp_path / "openi")
+    collection = data.prepare("openi", by_hand, split_seed=0)
+    assert sorted(r.id for r in collection.reports) == sorted(USED_IDS)
+    assert collection.summary["sources"] == {"reports": str(by_hand / "NLMCXR_reports.tgz"),
+                                             "images": str(by_hand / "png")}
+
+
 def test_prepare_openi_without_files_and_offline_says_what_to_download(tmp_path, monkeypatch):
     import socket
 
@@ -614,6 +627,71 @@ def test_undecodable_images_are_recorded_not_fatal(tmp_path):
     assert data.cached_images(paths + bad_paths, 8, tmp_path / "cache")[1] == bad       # remembered in the manifest
 
 
+def write_larger_collection(root, extra=20):
+    """The edge cases plus `extra` one-image normal reports (CXR3001, ...), so that every split keeps reports
+    when one report is lost."""
+    reports_dir, images_dir = write_collection(root)
+    for n in range(3001, 3001 + extra):
+        case = dict(number=n, findings="Clear lungs.", impression="Normal.", image_ids=[f"CXR{n}_IM-0001-1001"])
+        (reports_dir / f"{n}.xml").write_text(report_xml(**case), encoding="utf-8")
+        write_png(images_dir / f"CXR{n}_IM-0001-1001.png", random_gray(n))
+    return reports_dir, images_dir
+
+
+def test_a_report_whose_images_all_fail_to_decode_leaves_every_count_and_the_split(tmp_path):
+    """CXR1000's three PNGs are all broken (the report is lost), one of CXR846's four (the report stays)."""
+    reports_dir, images_dir = write_larger_collection(tmp_path / "openi")
+    broken = [next(images_dir.rglob(f"{image_id}.png")) for image_id in CASES["1000.xml"]["image_ids"]]
+    broken.append(next(images_dir.rglob(f"{CASES['846.xml']['image_ids'][2]}.png")))
+    for path in broken:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    collection = data.openi_collection(tmp_path / "openi", reports_dir, images_dir, split_seed=0)
+    before, split_ids = json.loads(json.dumps(collection.summary)), dict(collection.split_ids)
+    lost_split = next(split for split, ids in split_ids.items() if "CXR1000" in ids)
+    data.image_cache(collection, 8)
+
+    summary = collection.summary
+    assert summary["skipped"]["bad_image"] == 4
+    assert sorted(summary["skipped_ids"]["bad_image"]) == sorted(map(str, broken))
+    assert summary["skipped"]["no_decodable_image"] == 1
+    assert summary["skipped_ids"]["no_decodable_image"] == ["CXR1000"]
+    assert summary["images_used"] == before["images_used"] - 4 == sum(map(len, collection.splits.values()))
+    assert summary["reports_used"] == before["reports_used"] - 1
+    for label in ("Lung Opacity", "Pneumonia"):                            # CXR1000's labels, and no other report's
+        assert summary["labels"][label] == before["labels"][label] - 1 == 0
+        assert summary["labels_per_split"][lost_split][label] == 0
+    assert summary["splits"] == {split: len(ids) - (split == lost_split) for split, ids in split_ids.items()}
+    expected_ids = {split: [rid for rid in ids if rid != "CXR1000"] for split, ids in split_ids.items()}
+    assert collection.split_ids == expected_ids
+    assert data.split_hash(collection.split_ids) == data.split_hash(expected_ids)
+    used_reports = {collection.reports[i].id for idx in collection.splits.values() for i in collection.report_index[idx]}
+    assert used_reports == {rid for ids in collection.split_ids.values() for rid in ids}   # splits.json = training
+    data.image_cache(collection, 8)                                         # a second call counts nothing twice
+    assert collection.summary == summary
+
+
+def test_no_finding_follows_openi_and_reports_without_any_positive_label_are_counted(collection):
+    reports_dir, images_dir = collection
+    summary = data.openi_collection(reports_dir.parent, reports_dir, images_dir, split_seed=0).summary
+    # CXR9 (Calcified Granuloma, Density of the cardiophrenic angle) and CXR846 (Granuloma) name none of the
+    # 14 labels: CheXpert's rule would make them No Finding, OpenI's (only `normal`) leaves them all negative
+    assert summary["reports_without_positive_label"] == 2
+    assert summary["labels"]["No Finding"] == 2                              # CXR1 and CXR3: `normal` alone
+
+
+def test_data_py_json_is_one_object_on_stdout_when_an_image_cannot_be_decoded(tmp_path):
+    reports_dir, images_dir = write_larger_collection(tmp_path / "openi")
+    broken = next(images_dir.rglob(f"{CASES['846.xml']['image_ids'][0]}.png"))
+    broken.write_bytes(b"not a png")
+    result = subprocess.run([sys.executable, "data.py", "--data", "openi", "--data-dir", str(tmp_path), "--json",
+                             "--image-size", "8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)                                    # nothing else on stdout
+    assert summary["skipped"]["bad_image"] == 1
+    assert "warning: skipped 1 image(s) that cannot be decoded" in result.stderr and str(broken) in result.stderr
+    assert summary["reports_without_positive_label"] == 2
+
+
 # --------------------------------------------------------------------------------------------- tokenizer
 
 TEXTS = ["The heart is mildly enlarged.", "Small left pleural effusion.", "No pneumothorax. The lungs are clear.",
@@ -661,7 +739,8 @@ def test_data_py_json_summary_matches_prepare(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
     summary = json.loads(lines[0])
-    assert set(summary) == {"reports", "reports_used", "images_used", "skipped", "labels", "splits"}
+    assert set(summary) == {"reports", "reports_used", "images_used", "skipped", "labels", "splits",
+                            "reports_without_positive_label", "sources"}
     assert list(summary["labels"]) == LABELS and list(summary["splits"]) == list(SPLITS)
     assert summary["reports"] == 60
     assert summary["reports_used"] + sum(summary["skipped"].values()) == summary["reports"]

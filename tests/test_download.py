@@ -314,6 +314,36 @@ def test_fetch_openi_uses_present_files_without_any_request(server, tmp_path, pr
     assert images_root == root / "NLMCXR_png" and images_root.is_dir()
 
 
+@pytest.mark.parametrize("layout", ["archives", "extracted"])
+def test_fetch_openi_uses_files_put_directly_in_data_dir_by_hand(server, tmp_path, layout):
+    """--data-dir ~/Downloads/openi holding the two archives, or ecgen-radiology/ and a folder of PNGs."""
+    if layout == "archives":
+        (tmp_path / "NLMCXR_reports.tgz").write_bytes(reports_tgz())
+        (tmp_path / "NLMCXR_png.tgz").write_bytes(images_tgz())
+    else:
+        (tmp_path / "ecgen-radiology").mkdir()
+        (tmp_path / "ecgen-radiology" / "1.xml").write_text("<eCitation/>")
+        (tmp_path / "my pngs" / "some").mkdir(parents=True)
+        (tmp_path / "my pngs" / "some" / "CXR1_1_IM-0001-1001.png").write_bytes(b"png")
+    root, reports_source, images_root = fetch_openi(tmp_path, server.url)
+    assert server.requests == [] and root == tmp_path and not (tmp_path / "openi").exists()
+    if layout == "archives":
+        assert reports_source == tmp_path / "NLMCXR_reports.tgz" and images_root == tmp_path / "NLMCXR_png"
+        assert len(list(images_root.rglob("*.png"))) == 2                       # extracted next to the archive
+    else:
+        assert reports_source == tmp_path / "ecgen-radiology" and images_root == tmp_path / "my pngs"
+
+
+def test_two_folders_of_pngs_by_hand_are_not_guessed_between(server, tmp_path):
+    (tmp_path / "NLMCXR_reports.tgz").write_bytes(reports_tgz())
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"png")
+    with pytest.raises(DataError, match="several folders of PNGs \\(a, b\\); rename the one .* to NLMCXR_png"):
+        fetch_openi(tmp_path, server.url)
+    assert server.requests == []
+
+
 def test_offline_message_names_files_urls_and_places(tmp_path):
     base_url = closed_port_url()
     with pytest.raises(DataError) as error:
