@@ -27,6 +27,11 @@ CHUNK = 1 << 20
 # Worth another try: the network or the server may recover. A 4xx answer will not, so it is not retried.
 TRANSIENT = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.IncompleteRead)
 CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+# The standard library's extraction filters (Python 3.12+, backported to 3.8.17, 3.9.17, 3.10.12, 3.11.4) know
+# more ways an archive can escape its folder than a few lines of checks; where they exist they decide, and
+# the explicit checks in _refusal are the fallback (the tests run both). One difference: the filter lets a link
+# that stays inside the target through, the fallback refuses every link.
+USE_TAR_FILTER = hasattr(tarfile, "data_filter")
 
 
 class DownloadError(DataError):
@@ -111,7 +116,8 @@ def download(url, dest, sha256=None, size=None, retries=3):
 
 
 def _refusal(member, target):
-    """Why `member` may not be extracted under `target`, or None when it is a plain file or folder inside."""
+    """Why `member` may not be extracted under `target`, or None when it is a plain file or folder inside.
+    The explicit checks, used where tarfile has no extraction filters."""
     if member.issym() or member.islnk():
         return f"is a link to {member.linkname!r}"
     if not (member.isfile() or member.isdir()):
@@ -121,6 +127,40 @@ def _refusal(member, target):
     path = os.path.normpath(os.path.join(target, member.name))
     if path != target and not path.startswith(target + os.sep):
         return "would land outside the target folder"
+
+
+def _filter_refusal(member, target):
+    """Why tarfile's "data" filter refuses `member` under `target`, in _refusal's words, or None. A member
+    whose name the filter would rewrite (it strips a leading /) is refused too: the archive is not as made."""
+    try:
+        filtered = tarfile.data_filter(member, target)
+    except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError):
+        return f"is a link to {member.linkname!r} outside the target folder"
+    except tarfile.SpecialFileError:
+        return "is a device, fifo or other special file"
+    except tarfile.AbsolutePathError:
+        return "has an absolute path"
+    except tarfile.OutsideDestinationError:
+        return "would land outside the target folder"
+    except tarfile.FilterError as error:
+        return f"is refused by tarfile's data filter ({error})"
+    if filtered.name != member.name:
+        return "has an absolute path"
+
+
+def _extract_member(archive, member, partial):
+    """Write one checked member under `partial`: through the data filter where it exists, else by hand
+    (only plain files and folders get here: _refusal refused everything else)."""
+    if USE_TAR_FILTER:
+        archive.extract(member, partial, filter="data")
+        return
+    path = partial / member.name
+    if member.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with archive.extractfile(member) as source, open(path, "wb") as file:
+        shutil.copyfileobj(source, file, CHUNK)
 
 
 def safe_extract(archive_path, target):
@@ -140,19 +180,14 @@ def safe_extract(archive_path, target):
             members = archive.getmembers()
             while archive.fileobj.read(CHUNK):                 # reach the gzip trailer: checks CRC and length
                 pass
+            refusal = _filter_refusal if USE_TAR_FILTER else _refusal
             for member in members:
-                reason = _refusal(member, os.path.abspath(partial))
+                reason = refusal(member, os.path.abspath(partial))
                 if reason:
                     raise DataError(f"refusing to extract {archive_path}: member {member.name!r} {reason}")
             partial.mkdir(parents=True)
             for member in tqdm(members, desc=f"extracting {archive_path.name}", unit="file"):
-                path = partial / member.name
-                if member.isdir():
-                    path.mkdir(parents=True, exist_ok=True)
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with archive.extractfile(member) as source, open(path, "wb") as file:
-                    shutil.copyfileobj(source, file, CHUNK)
+                _extract_member(archive, member, partial)
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, CORRUPT):

@@ -225,17 +225,37 @@ def test_part_longer_than_the_file_is_restarted(server, tmp_path):
 
 # ----------------------------------------------------------------------------------------- extraction
 
-def test_safe_extract_writes_files_and_cleans_up(tmp_path):
+@pytest.fixture(params=["data filter", "explicit checks"])
+def extraction(request, monkeypatch):
+    """Run a test on both ways of extracting: tarfile's "data" filter (where this Python has it) and the
+    explicit member checks. Returns the calls made to tarfile.data_filter."""
+    filtered = request.param == "data filter"
+    if filtered and not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python's tarfile has no extraction filters")
+    monkeypatch.setattr(dl, "USE_TAR_FILTER", filtered)
+    calls = []
+    if filtered:
+        original = tarfile.data_filter
+        monkeypatch.setattr(tarfile, "data_filter", lambda member, path: calls.append(member.name) or
+                            original(member, path))
+    return calls
+
+
+def test_safe_extract_writes_files_and_cleans_up(tmp_path, extraction):
     (tmp_path / "x.tgz").write_bytes(images_tgz())
     target = safe_extract(tmp_path / "x.tgz", tmp_path / "out")
     assert sorted(p.name for p in target.rglob("*.png")) == ["CXR1_1_IM-0001-1001.png", "CXR2_1_IM-0001-1001.png"]
+    with tarfile.open(tmp_path / "x.tgz") as archive:
+        for member in archive.getmembers():
+            assert (target / member.name).read_bytes() == archive.extractfile(member).read()
+        assert extraction == ([m.name for m in archive.getmembers()] if dl.USE_TAR_FILTER else [])
     assert not (tmp_path / "out.partial").exists()
 
 
 @pytest.mark.parametrize("hostile, reason", [("traversal", "outside the target"), ("absolute", "absolute path"),
                                              ("symlink", "is a link"), ("hardlink", "is a link"),
                                              ("fifo", "special file")])
-def test_hostile_archive_is_refused_and_nothing_is_written(tmp_path, hostile, reason):
+def test_hostile_archive_is_refused_and_nothing_is_written(tmp_path, hostile, reason, extraction):
     outside = tmp_path / "evil"
     member = {
         "traversal": ("ok/../../../evil", b"x"),
@@ -251,10 +271,14 @@ def test_hostile_archive_is_refused_and_nothing_is_written(tmp_path, hostile, re
     name = member[0] if isinstance(member, tuple) else member.name
     assert repr(name) in str(error.value) and reason in str(error.value)
     assert not outside.exists() and not (tmp_path / "sub").exists()     # nothing outside, nothing inside
+    assert dl._refusal(member if isinstance(member, tarfile.TarInfo) else tarfile.TarInfo(name),
+                       str(target)) is not None                         # the explicit checks refuse it too
+    if dl.USE_TAR_FILTER:
+        assert name in extraction                                        # and the filter was asked
 
 
 @pytest.mark.parametrize("cut", ["half", "trailer"])
-def test_truncated_archive_is_refused_as_corrupt(tmp_path, cut):
+def test_truncated_archive_is_refused_as_corrupt(tmp_path, cut, extraction):
     data = images_tgz()
     data = data[:len(data) // 2] if cut == "half" else data[:-4]  # -4: only the gzip length field is lost
     (tmp_path / "x.tgz").write_bytes(data)
