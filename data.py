@@ -96,6 +96,7 @@ class Report:
     impression: str
     majors: list            # MeSH major terms as written (stripped)
     image_ids: list         # parentImage ids, e.g. "CXR1_1_IM-0001-3001"
+    patient_id: str = None  # where the collection names the patient (MIMIC's subject_id, a CSV's patient column)
 
     @property
     def text(self):
@@ -185,6 +186,8 @@ class Collection:
     split_ids: dict         # split -> report ids (what splits.json holds)
     summary: dict
     label_names: list = field(default_factory=lambda: list(LABELS))   # the columns of `labels`
+    bootstrap_unit: str = "reports"         # what evaluation's bootstrap resamples: "reports" or "patients"
+    bootstrap_groups: np.ndarray = None     # (N,) each sample's report, or its patient: see bootstrap_groups()
 
     def texts(self):
         return [report.text for report in self.reports]
@@ -238,6 +241,26 @@ def split_reports(report_ids, seed, fractions=SPLIT_FRACTIONS):
     return {split: sorted(ids[i] for i in part) for split, part in zip(SPLITS, np.split(order, cuts))}
 
 
+def split_by_patient(reports, seed, fractions=SPLIT_FRACTIONS):
+    """A seeded split of the patients (as split_reports does for reports); every report goes where its patient
+    is, so that no patient is in two splits."""
+    patients = split_reports({report.patient_id for report in reports}, seed, fractions)
+    split_of = {patient: split for split, ids in patients.items() for patient in ids}
+    return {split: sorted(r.id for r in reports if split_of[r.patient_id] == split) for split in SPLITS}
+
+
+def bootstrap_groups(reports, report_index):
+    """(N,) bootstrap group of each sample and its unit. The images of a report share its labels, and the
+    studies of one patient are correlated, so resampling single images (or, when patients are known, single
+    reports) would make intervals too narrow: the bootstrap draws whole patients when every report names one
+    (MIMIC-CXR, a CSV with a patient column), else whole reports (OpenI, the demo)."""
+    patients = [report.patient_id for report in reports]
+    if all(patients):
+        _, patient_index = np.unique(patients, return_inverse=True)
+        return patient_index[report_index], "patients"
+    return report_index, "reports"
+
+
 def split_hash(split_ids):
     return hashlib.sha256(json.dumps(split_ids, sort_keys=True).encode()).hexdigest()
 
@@ -264,6 +287,7 @@ def assemble(root, reports, report_labels, paths, read_summary, split_ids, label
         split_ids={split: split_ids[split] for split in SPLITS}, summary=summary, label_names=list(label_names),
     )
     summary.update(count_used(collection))
+    collection.bootstrap_groups, collection.bootstrap_unit = bootstrap_groups(reports, report_index)
     return collection
 
 
@@ -505,7 +529,7 @@ def openi_collection(root, reports_source, images_root, split_seed, strict=False
 
 def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0, openi_url=OPENI_URL,
             strict=False, uncertain="zeros", mimic_labels="chexpert", views="frontal", csv=None,
-            csv_image_column="image", csv_text_column="text", csv_labels=None):
+            csv_image_column="image", csv_text_column="text", csv_labels=None, csv_patient_column="patient_id"):
     """Read a collection (drawing the demo or downloading OpenI first if needed) -> Collection.
     Images are not decoded here."""
     if data in ("demo", "openi"):
@@ -525,14 +549,16 @@ def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_
             raise DataError("--data csv needs --csv FILE")
         names = [name.strip() for name in csv_labels.split(",")] if csv_labels else None
         reports, labels, paths, read_summary, split_ids, names = read_csv(
-            csv, csv_image_column, csv_text_column, names, uncertain, strict)
-        return assemble(Path(csv).parent, reports, labels, paths, read_summary,
-                        split_ids or split_reports(list(paths), split_seed), names)
+            csv, csv_image_column, csv_text_column, names, uncertain, strict, csv_patient_column)
+        if split_ids is None:
+            by_patient = reports and all(report.patient_id for report in reports)
+            split_ids = split_by_patient(reports, split_seed) if by_patient else split_reports(list(paths), split_seed)
+        return assemble(Path(csv).parent, reports, labels, paths, read_summary, split_ids, names)
     raise DataError(f"unknown --data {data!r}: choose demo, openi, mimic or csv")
 
 
 DATA_OPTIONS = ("data", "data_dir", "split_seed", "demo_reports", "demo_seed", "openi_url", "strict", "uncertain",
-                "mimic_labels", "views", "csv", "csv_image_column", "csv_text_column", "csv_labels")
+                "mimic_labels", "views", "csv", "csv_image_column", "csv_text_column", "csv_labels", "csv_patient_column")
 
 
 def prepare_from(options):
@@ -562,7 +588,8 @@ def add_data_args(parser, inherit=False):
         parser.add_argument(flag, default=None if inherit else default, help=f"{help} (default: {shown})", **kwargs)
     add("--data", "demo", choices=["demo", "openi", "mimic", "csv"], help="collection")
     add("--data-dir", "data", help="where collections and caches live; for mimic, the MIMIC-CXR-JPG folder")
-    add("--split-seed", 0, type=int, help="seed of the report-level split; mimic uses its official split")
+    add("--split-seed", 0, type=int, help="seed of the split by report (by patient for a csv with a patient "
+                                          "column); mimic uses its official split")
     add("--demo-reports", 1500, type=int, help="reports in the demo")
     add("--demo-seed", 0, type=int, help="seed that draws the demo")
     add("--openi-url", OPENI_URL, help="where the OpenI archives are")
@@ -574,6 +601,8 @@ def add_data_args(parser, inherit=False):
     add("--csv-image-column", "image", help="--data csv: image path column")
     add("--csv-text-column", "text", help="--data csv: report text column")
     add("--csv-labels", None, help="--data csv: comma-separated label columns; none: every other column")
+    add("--csv-patient-column", "patient_id", help="--data csv: optional patient column; when present, the seeded "
+                                                   "split and the bootstrap are by patient")
     add("--strict", False, action="store_true", help="stop on a bad sample instead of skipping and counting it")
     if not inherit:
         add("--image-size", 128, type=int, help="cached image side in px")

@@ -9,13 +9,16 @@
 Test-time inference uses the image-only prior p(z|x) (VKD.predict); the `text` baseline is the one exception,
 evaluated with its report (VKD.predict_with_text) because it is an upper bound, not a test-time model.
 A label may be NaN, "not observed" (e.g. an uncertain MIMIC label under --uncertain ignore): every metric
-below leaves those entries out, label by label. Intervals are 95% percentile bootstrap over reports.
+below leaves those entries out, label by label. Intervals are 95% percentile bootstrap over reports (OpenI, the
+demo), or over patients where the collection names them (MIMIC-CXR, a CSV with a patient column); the output
+says which. The `image` baseline is always evaluated at the prior mean (see prior_samples).
 """
 import argparse
 import json
 import pickle
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -102,8 +105,8 @@ def auroc_summary(y, p):
 
 
 def bootstrap_indices(groups, num_resamples, seed):
-    """Yield sample indices of resamples that draw whole groups (reports) with replacement: all images of a
-    report stay together, since they share the report's labels and are not independent."""
+    """Yield sample indices of resamples that draw whole groups (reports, or patients) with replacement: all
+    images of a report, or all studies of a patient, stay together, since they are not independent."""
     unique, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
     rng = np.random.default_rng(seed)
@@ -112,7 +115,7 @@ def bootstrap_indices(groups, num_resamples, seed):
 
 
 def bootstrap_draws(y, predictions, groups, num_resamples=1000, seed=0):
-    """AUROC and AUPRC of each (N, K) array in `predictions` on the same resamples of reports, so that
+    """AUROC and AUPRC of each (N, K) array in `predictions` on the same resamples of groups, so that
     differences between them are paired. Returns one dict per array: "auroc" and "auprc" (R, K), NaN where a
     resample leaves a label with one class, and "macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc" (R,).
     A resample's macro averages the labels defined in that resample."""
@@ -290,10 +293,29 @@ def to_input(images_uint8, pixel_mean, pixel_std):
     return ((images_uint8.float() / 255.0 - pixel_mean) / pixel_std).unsqueeze(1)
 
 
+def prior_samples(method, num_samples):
+    """Prior samples to average for a model of `method`. The `image` baseline's loss reads mu_p only, so its
+    logvar_p never leaves its random start: sampling it would add noise of an arbitrary size and handicap the
+    baseline in a sampled comparison. It is always evaluated at its prior mean."""
+    return 0 if method == "image" else num_samples
+
+
+def prediction_name(method, num_samples):
+    """How the probabilities of a model of `method` are made, as the output states it."""
+    if method == "text":
+        return "posterior mean f(mu_q(x, t)) (reads the report)"
+    if prior_samples(method, num_samples):
+        return f"mean over {num_samples} prior samples"
+    if num_samples:
+        return f"prior mean f(mu_p(x)) (--samples {num_samples} not used: the image baseline never trains logvar_p)"
+    return "prior mean f(mu_p(x))"
+
+
 @torch.no_grad()
 def predict(model, images, tokens, indices, config, device, batch_size=256, num_samples=0):
     """Probabilities (and per-image std over prior samples) for the samples at `indices`: (N, K) each."""
     model.eval()
+    num_samples = prior_samples(model.cfg.method, num_samples)
     probabilities, stds = [], []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
@@ -323,8 +345,8 @@ def latent_means(model, images, tokens, indices, config, device, batch_size=256)
 
 
 def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=False):
-    """Rebuild a collection -> (images, tokens or None, labels (N, K), groups, splits), with K = the checkpoint's
-    labels. Tokens are built for the `text` model (it reads reports) or when asked (posterior means for a picture).
+    """Rebuild a collection -> (images, tokens or None, labels (N, K), bootstrap groups (N,) and their unit
+    ("reports" or "patients"), splits), with K = the checkpoint's labels. Tokens are built for the `text` model (it reads reports) or when asked (posterior means for a picture).
 
     By default this is the checkpoint's own collection, and its split must be the one trained on. Data options
     (evaluate.py's --data, --data-dir, ...) may name another collection: cross-dataset evaluation, e.g. a model
@@ -356,16 +378,27 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
         left_out = [name for name in trained if name not in shared]
         print(f"evaluating on {options['data']}: {len(shared)} shared labels"
               + (f"; not in this collection, left out: {', '.join(left_out)}" if left_out else ""), file=sys.stderr)
-    return images, tokens, labels, collection.report_index, collection.splits
+    return images, tokens, labels, collection.bootstrap_groups, collection.bootstrap_unit, collection.splits
+
+
+class Evaluated(NamedTuple):
+    """One checkpoint evaluated on one split: what compare_runs compares."""
+    labels: np.ndarray          # (N, K), NaN = not observed
+    probabilities: np.ndarray   # (N, K)
+    groups: np.ndarray          # (N,) bootstrap group of each image: its report or its patient
+    unit: str                   # "reports" or "patients"
+    prediction: str             # how the probabilities were made (prediction_name)
+    checkpoint: dict
 
 
 def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_options=None):
-    """-> (labels (N, K), probabilities (N, K), report groups (N,), checkpoint dict) of a checkpoint on one split."""
+    """A checkpoint on one split -> Evaluated."""
     model, checkpoint = load_checkpoint(path, device)
-    images, tokens, labels, groups, splits = load_collection(checkpoint, path, data_options)
+    images, tokens, labels, groups, unit, splits = load_collection(checkpoint, path, data_options)
     indices = splits[split]
     p, _ = predict(model, images, tokens, indices, checkpoint["config"], device, num_samples=num_samples)
-    return labels[indices], p, groups[indices], checkpoint
+    return Evaluated(labels[indices], p, groups[indices], unit, prediction_name(model.cfg.method, num_samples),
+                     checkpoint)
 
 
 def feature_maps_module(model):
@@ -440,7 +473,7 @@ def predict_files(model, checkpoint, paths, device, num_samples=0, uncertainty_s
         raise data.DataError("cannot decode " + "; ".join(problems))
     images = np.stack([pixels for pixels, _ in decoded])
     x = to_input(torch.from_numpy(images).to(device), config["pixel_mean"], config["pixel_std"])
-    p, _ = model.predict(x, num_samples)
+    p, _ = model.predict(x, prior_samples(model.cfg.method, num_samples))
     if checkpoint["model_config"]["method"] == "image":
         return images, p.cpu().numpy(), None, None
     mean, std = model.predict(x, uncertainty_samples)
@@ -470,10 +503,16 @@ def run_report(y, p, draws, label_names):
     return report
 
 
-def metrics_report(y, p, groups, num_resamples=1000, seed=0, label_names=LABELS):
-    """Per-label, macro and micro AUROC and AUPRC with bootstrap intervals over reports (undefined -> None)."""
+def metrics_report(y, p, groups, num_resamples=1000, seed=0, label_names=LABELS, unit="reports"):
+    """Per-label, macro and micro AUROC and AUPRC with bootstrap intervals over the groups, whose `unit`
+    ("reports" or "patients") the result names (undefined -> None)."""
     draws = bootstrap_draws(y, [p], groups, num_resamples, seed)[0]
-    return run_report(y, p, draws, label_names) | {"num_reports": int(len(np.unique(groups)))}
+    return run_report(y, p, draws, label_names) | resampled(groups, unit)
+
+
+def resampled(groups, unit):
+    """What the bootstrap drew, for the output: {"bootstrap_unit": "reports", "num_bootstrap_units": 120}."""
+    return {"bootstrap_unit": unit, "num_bootstrap_units": int(len(np.unique(groups)))}
 
 
 NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile", "channels_last",
@@ -517,24 +556,25 @@ def nan_if_none(value):
 
 
 def compare_runs(paths, runs, num_resamples=1000, seed=0):
-    """Runs = evaluate_checkpoint results on one split. Each run gets its own estimates and intervals; runs that
-    differ only in the seed form one method, reported as mean +- std across seeds with the interval of the seed
-    mean; every method after the first gets the paired bootstrap of its difference to the first (seed means
-    on the same resamples of reports) with a p-value."""
-    y, _, groups, first = runs[0]
-    for path, (y_b, _, groups_b, checkpoint) in zip(paths[1:], runs[1:]):
-        if not (checkpoint["split_sha256"] == first["split_sha256"] and np.array_equal(groups, groups_b)
-                and np.array_equal(y, y_b, equal_nan=True)):
+    """Runs = evaluate_checkpoint results (Evaluated) on one split. Each run gets its own estimates and
+    intervals; runs that differ only in the seed form one method, reported as mean +- std across seeds with the
+    interval of the seed mean; every method after the first gets the paired bootstrap of its difference to the
+    first (seed means on the same resamples of reports or patients) with a p-value."""
+    y, groups, unit, first = runs[0].labels, runs[0].groups, runs[0].unit, runs[0].checkpoint
+    for path, run in zip(paths[1:], runs[1:]):
+        if not (run.checkpoint["split_sha256"] == first["split_sha256"] and np.array_equal(groups, run.groups)
+                and run.unit == unit and np.array_equal(y, run.labels, equal_nan=True)):
             raise data.DataError(f"{paths[0]} and {path} were not evaluated on the same split")
     label_names = first.get("label_names", LABELS)
-    draws = bootstrap_draws(y, [p for _, p, _, _ in runs], groups, num_resamples, seed)
-    result = {"num_images": int(len(y)), "num_reports": int(len(np.unique(groups))), "num_resamples": num_resamples,
+    draws = bootstrap_draws(y, [run.probabilities for run in runs], groups, num_resamples, seed)
+    result = {"num_images": int(len(y)), **resampled(groups, unit), "num_resamples": num_resamples,
               "label_names": label_names, "runs": [], "methods": []}
-    for path, draw, (_, p, _, checkpoint) in zip(paths, draws, runs):
-        result["runs"].append({"checkpoint": str(path), "method": checkpoint["config"]["method"],
-                               "seed": checkpoint["config"]["seed"], "best_epoch": checkpoint["epoch"] + 1}
-                              | run_report(y, p, draw, label_names))
-    configs = [checkpoint["config"] for _, _, _, checkpoint in runs]
+    for path, draw, run in zip(paths, draws, runs):
+        config = run.checkpoint["config"]
+        result["runs"].append({"checkpoint": str(path), "method": config["method"], "seed": config["seed"],
+                               "best_epoch": run.checkpoint["epoch"] + 1, "prediction": run.prediction}
+                              | run_report(y, run.probabilities, draw, label_names))
+    configs = [run.checkpoint["config"] for run in runs]
     method_groups = group_runs(configs)
     names = [configs[g[0]]["method"] for g in method_groups]
     names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
@@ -577,8 +617,10 @@ def format_metrics(metrics, title):
                      f"{cell(metrics[f'{kind}_auprc'], metrics[f'{kind}_auprc_ci95'])}")
     if metrics["labels_skipped_in_macro"]:
         lines.append("left out of macro (one class in this split): " + ", ".join(metrics["labels_skipped_in_macro"]))
-    lines.append(f"{metrics['num_images']} images from {metrics['num_reports']} reports; "
-                 f"intervals: 95% bootstrap over reports")
+    lines.append(f"{metrics['num_images']} images; intervals: 95% bootstrap over "
+                 f"{metrics['num_bootstrap_units']} {metrics['bootstrap_unit']}")
+    if "prediction" in metrics:
+        lines.append(f"probabilities: {metrics['prediction']}")
     return "\n".join(lines)
 
 
@@ -591,8 +633,8 @@ def format_comparison(result):
     """The comparison as Markdown tables (readable in a terminal, pasteable into a README)."""
     methods, first, resamples = result["methods"], result["runs"][0], result["num_resamples"]
     several_seeds = any(len(m["runs"]) > 1 for m in methods)
-    lines = [f"test split: {result['num_images']} images from {result['num_reports']} reports; 95% intervals: "
-             f"bootstrap over reports ({result['num_resamples']} resamples)"
+    lines = [f"test split: {result['num_images']} images; 95% intervals: bootstrap over "
+             f"{result['num_bootstrap_units']} {result['bootstrap_unit']} ({result['num_resamples']} resamples)"
              + ("; mean ± std across seeds, interval of the seed mean" if several_seeds else ""), ""]
     header = "| label | positives | " + " | ".join(m["name"] for m in methods) + " |"
     rule = "|---|---:|" + "---|" * len(methods)
@@ -620,11 +662,12 @@ def format_comparison(result):
                              f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {p_value(d['p'], resamples)}")
             lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["each run", "", "| run | method | seed | best epoch | macro AUROC | macro AUPRC |", "|---|---|---:|---:|---|---|"]
+    lines += ["each run", "", "| run | method | seed | best epoch | macro AUROC | macro AUPRC | probabilities |",
+              "|---|---|---:|---:|---|---|---|"]
     for run in result["runs"]:
         lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | {run['best_epoch']} | "
                      f"{cell(run['macro_auroc'], run['macro_auroc_ci95'])} | "
-                     f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} |")
+                     f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} | {run['prediction']} |")
     return "\n".join(lines)
 
 
@@ -893,13 +936,14 @@ def single_run(args):
     model, checkpoint = load_checkpoint(args.ckpt, args.device)
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
     label_names = checkpoint.get("label_names", LABELS)
-    images, tokens, labels, groups, splits = load_collection(checkpoint, args.ckpt, data_options(args),
-                                                             with_text=args.plots and method != "image")
+    images, tokens, labels, groups, unit, splits = load_collection(checkpoint, args.ckpt, data_options(args),
+                                                                   with_text=args.plots and method != "image")
     test_idx, val_idx = splits[args.split], splits["val"]
     y, y_val = labels[test_idx], labels[val_idx]
     p, _ = predict(model, images, tokens, test_idx, config, args.device, num_samples=args.samples)
     p_val, _ = predict(model, images, tokens, val_idx, config, args.device, num_samples=args.samples)
-    result = metrics_report(y, p, groups[test_idx], args.bootstrap, args.seed, label_names)
+    result = metrics_report(y, p, groups[test_idx], args.bootstrap, args.seed, label_names, unit)
+    result["prediction"] = prediction_name(method, args.samples)
     temperature = fit_temperature(y_val, p_val) if args.temperature else None
     result["split"] = args.split
     result["calibration"] = calibration_report(y, p, label_names, args.bins, temperature)
@@ -967,8 +1011,8 @@ def comparison(args):
     if args.plots:
         out = Path(args.out or "runs/compare")
         out.mkdir(parents=True, exist_ok=True)
-        named = [(m["name"], runs[m["runs"][0]][1]) for m in result["methods"]]
-        result["pictures"] = [str(path) for path in plot_curves(runs[0][0], named, result["label_names"], out)]
+        named = [(m["name"], runs[m["runs"][0]].probabilities) for m in result["methods"]]
+        result["pictures"] = [str(path) for path in plot_curves(runs[0].labels, named, result["label_names"], out)]
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -111,7 +111,8 @@ def read_reports(root, study_ids):
 def read_mimic(root, labeler="chexpert", uncertain="zeros", views="frontal", strict=False):
     """MIMIC-CXR-JPG folder -> (reports, report labels (R, 14), {report id: [jpg paths]}, summary, split ids).
 
-    One report per study (id "s<study_id>"); the official split is used as it is (patient-disjoint)."""
+    One report per study (id "s<study_id>") carrying its patient (subject_id); the official split is used as it
+    is (patient-disjoint), and evaluation resamples patients."""
     root = Path(root)
     if not any((root / f"{MIMIC_PREFIX}-split.csv{gz}").exists() for gz in ("", ".gz")):
         raise DataError(f"no {MIMIC_PREFIX}-split.csv(.gz) in {root}: --data-dir must be the MIMIC-CXR-JPG folder "
@@ -171,7 +172,7 @@ def read_mimic(root, labeler="chexpert", uncertain="zeros", views="frontal", str
             count(summary, reason, report_id)
             continue
         reports.append(Report(id=report_id, findings=findings, impression=impression, majors=[],
-                              image_ids=dicom_ids))
+                              image_ids=dicom_ids, patient_id=subject_id))
         report_labels.append(labels_of[study_id])
         paths[report_id] = jpgs
         split_ids[split].append(report_id)
@@ -186,30 +187,35 @@ CSV_SPLITS = {"train": "train", "val": "val", "validate": "val", "test": "test"}
 
 
 def read_csv(csv_path, image_column="image", text_column="text", label_columns=None, uncertain="zeros",
-             strict=False):
+             strict=False, patient_column="patient_id"):
     """A user's CSV -> (reports, report labels (R, K), {report id: [paths]}, summary, split ids or None, names).
 
     One row per image: `image_column` (a path, relative ones resolve against the CSV's folder), `text_column`
     (the report), one column per label (every other column unless `label_columns` names them). Optional
-    columns: `report_id` (rows sharing it are the images of one report; default: each row is its own report)
-    and `split` (train/val/test; default: a seeded 70/10/20 split by report)."""
+    columns: `report_id` (rows sharing it are the images of one report; default: each row is its own report),
+    `patient_column` (the patient of the report: the seeded split and the bootstrap are then by patient) and
+    `split` (train/val/test; default: a seeded 70/10/20 split by report, or by patient)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"--csv {csv_path}: no such file")
     rows, _ = open_table(csv_path.parent, csv_path.name)
-    optional = {"report_id", "split"}
+    optional = {"report_id", "split", patient_column}
     if label_columns is None:
         label_columns = [c for c in rows.fieldnames or [] if c not in {image_column, text_column} | optional]
     require_columns(rows, csv_path, [image_column, text_column] + list(label_columns))
     if not label_columns:
         raise DataError(f"{csv_path} has no label column besides {image_column!r} and {text_column!r}")
-    has_split = "split" in rows.fieldnames
+    has_split, has_patient = "split" in rows.fieldnames, patient_column in rows.fieldnames
     summary = {"skipped": {}, "skipped_ids": {}}
     reports, report_labels, paths, split_of, found = {}, {}, {}, {}, set()
     for line, row in enumerate(rows, start=2):
         where = f"{csv_path} line {line}"
         report_id = (row.get("report_id") or "").strip() or f"line{line}"
         found.add(report_id)
+        patient_id = (row[patient_column] or "").strip() if has_patient else None
+        if has_patient and not patient_id:
+            raise DataError(f"{where}: the patient column {patient_column!r} is empty (give every row its patient, "
+                            f"or remove the column)")
         try:
             y = [label_value(row[name] or "", uncertain, f"{where}, column {name!r}") for name in label_columns]
         except ValueError as error:
@@ -231,14 +237,16 @@ def read_csv(csv_path, image_column="image", text_column="text", label_columns=N
                 raise DataError(f"{where}: split {row['split']!r} is not train, val or test")
         if report_id in reports:
             same = (reports[report_id].text == text and split_of[report_id] == split
+                    and reports[report_id].patient_id == patient_id
                     and np.array_equal(report_labels[report_id], y, equal_nan=True))
             if not same:
                 skip(summary, "conflicting_row", f"line {line}", strict,
-                     f"{where}: report {report_id!r} has another text, split or labels on an earlier line")
+                     f"{where}: report {report_id!r} has another text, split, patient or labels on an earlier line")
                 continue
             paths[report_id].append(image)
             continue
-        reports[report_id] = Report(id=report_id, findings=text, impression="", majors=[], image_ids=[image.stem])
+        reports[report_id] = Report(id=report_id, findings=text, impression="", majors=[], image_ids=[image.stem],
+                                    patient_id=patient_id)
         report_labels[report_id], paths[report_id], split_of[report_id] = y, [image], split
     summary["reports"] = len(found)
     labels = np.array(list(report_labels.values()), dtype=np.float32).reshape(-1, len(label_columns))

@@ -122,6 +122,14 @@ def test_paired_bootstrap_detects_a_real_difference():
         assert difference["ci95"][0] > 0 and difference["p"] < 0.01
 
 
+def test_the_metrics_say_what_the_bootstrap_resampled():
+    rng = np.random.default_rng(3)
+    y, p = (rng.random((60, 2)) < 0.5).astype(float), rng.random((60, 2))
+    metrics = metrics_report(y, p, np.arange(60) // 6, num_resamples=20, label_names=["A", "B"], unit="patients")
+    assert metrics["bootstrap_unit"] == "patients" and metrics["num_bootstrap_units"] == 10
+    assert "95% bootstrap over 10 patients" in evaluate.format_metrics(metrics, "title")
+
+
 def test_bootstrap_keeps_the_images_of_a_report_together():
     from evaluate import bootstrap_indices
     groups = np.array([0, 0, 1, 1, 1, 2])
@@ -212,10 +220,10 @@ def test_runs_differing_only_in_the_seed_are_one_method():
     assert evaluate.group_runs(configs) == [[0, 3], [1, 2], [4], [5]]   # a repeated seed is a new method
 
 
-def fake_run(y, p, seed, method="vkd"):
+def fake_run(y, p, seed, method="vkd", unit="reports"):
     checkpoint = {"config": config(method=method, seed=seed), "split_sha256": "s", "epoch": 2,
                   "label_names": ["A", "B", "C"]}
-    return y, p, np.arange(len(y)) // 2, checkpoint
+    return evaluate.Evaluated(y, p, np.arange(len(y)) // 2, unit, evaluate.prediction_name(method, 0), checkpoint)
 
 
 def test_comparison_of_seeds_and_an_identical_run():
@@ -240,7 +248,11 @@ def test_comparison_of_seeds_and_an_identical_run():
     table = evaluate.format_comparison(result)
     assert "| vkd - image #1 |" in table and "±" in table
     assert evaluate.p_value(0.0, 1000) == "p < 0.002" and evaluate.p_value(0.25, 1000) == "p = 0.250"
-    runs[2][3]["split_sha256"] = "other"
+    assert result["bootstrap_unit"] == "reports" and result["num_bootstrap_units"] == 100
+    assert "bootstrap over 100 reports" in table
+    with pytest.raises(evaluate.data.DataError, match="not evaluated on the same split"):
+        evaluate.compare_runs(["a", "b"], [runs[0], runs[1]._replace(unit="patients")], num_resamples=10)
+    runs[2].checkpoint["split_sha256"] = "other"
     with pytest.raises(evaluate.data.DataError, match="not evaluated on the same split"):
         evaluate.compare_runs(["a", "b", "c", "d"], runs, num_resamples=10)
 
@@ -292,3 +304,26 @@ def test_a_truncated_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
     with pytest.raises(DataError, match="cut.pt was refused"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+# ------------------------------------------------------------------------------------ prior samples
+
+def test_samples_on_an_image_checkpoint_use_the_prior_mean_and_say_so():
+    """The image baseline's logvar_p is untrained: --samples must not draw from it (but does for vkd)."""
+    import torch
+    from model import VKD, VKDConfig
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16), dtype=np.uint8)
+    config = {"pixel_mean": 0.5, "pixel_std": 0.25}
+    for method in ("image", "vkd"):
+        torch.manual_seed(0)
+        model = VKD(VKDConfig(method=method, cnn_width=4, latent_dim=8, text_dim=16, max_len=8, vocab_size=50))
+        mean, _ = evaluate.predict(model, images, None, np.arange(6), config, "cpu", num_samples=0)
+        sampled, std = evaluate.predict(model, images, None, np.arange(6), config, "cpu", num_samples=20)
+        if method == "image":
+            assert np.array_equal(sampled, mean) and not std.any()
+        else:
+            assert not np.allclose(sampled, mean) and std.all()
+    assert evaluate.prediction_name("image", 20) == ("prior mean f(mu_p(x)) (--samples 20 not used: the image "
+                                                     "baseline never trains logvar_p)")
+    assert evaluate.prediction_name("vkd", 20) == "mean over 20 prior samples"
+    assert evaluate.prediction_name("image", 0) == evaluate.prediction_name("vkd", 0) == "prior mean f(mu_p(x))"

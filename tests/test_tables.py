@@ -340,6 +340,43 @@ def test_own_csv_an_undecodable_image_is_skipped_and_counted(tmp_path):
         data.image_cache(data.prepare("csv", csv=str(path)), 16, strict=True)
 
 
+def test_mimic_studies_carry_their_patient_and_the_bootstrap_draws_whole_patients(mimic):
+    import evaluate
+    root, studies = mimic
+    collection = data.prepare("mimic", root)
+    assert collection.bootstrap_unit == "patients"
+    subject = np.array([studies[r.id[1:]]["subject"] for r in collection.reports])[collection.report_index]  # (N,)
+    same_patient = subject[:, None] == subject[None, :]
+    assert np.array_equal(same_patient, collection.bootstrap_groups[:, None] == collection.bootstrap_groups[None, :])
+    assert len(np.unique(collection.report_index)) == 24 and len(np.unique(collection.bootstrap_groups)) == 12
+    for idx in evaluate.bootstrap_indices(collection.bootstrap_groups, 20, seed=0):
+        counts = np.bincount(idx, minlength=len(subject))        # every image of a patient drawn equally often
+        assert all(len(set(counts[subject == s])) == 1 for s in set(subject))
+
+
+def test_own_csv_patient_column_splits_and_resamples_by_patient(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(40):                                          # 40 reports of 10 patients, 2 images each
+        for k in range(2):
+            write_jpg(tmp_path / "img" / f"{i}_{k}.png", seed=i)
+            rows.append([f"img/{i}_{k}.png", f"Text {i}.", i % 2, f"r{i}", f"patient{i % 10}"])
+    path = write_csv(tmp_path / "own.csv", ["image", "text", "Effusion", "report_id", "subject"], rows)
+    collection = data.prepare("csv", csv=str(path), csv_patient_column="subject", split_seed=2)
+    assert collection.label_names == ["Effusion"] and collection.bootstrap_unit == "patients"
+    patient_of = {f"r{i}": f"patient{i % 10}" for i in range(40)}
+    patients = {split: {patient_of[rid] for rid in ids} for split, ids in collection.split_ids.items()}
+    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
+                or patients["val"] & patients["test"])                 # no patient in two splits
+    assert len(np.unique(collection.bootstrap_groups)) == 10
+    plain = data.prepare("csv", csv=str(path), csv_patient_column="no such column", csv_labels="Effusion")
+    assert plain.bootstrap_unit == "reports" and np.array_equal(plain.bootstrap_groups, plain.report_index)
+    rows[5][4] = " "
+    write_csv(tmp_path / "own.csv", ["image", "text", "Effusion", "report_id", "subject"], rows)
+    with pytest.raises(data.DataError, match=r"own.csv line 7: the patient column 'subject' is empty"):
+        data.prepare("csv", csv=str(path), csv_patient_column="subject")
+
+
 # ----------------------------------------------------------------------------------- training end to end
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8", "--text-dim", "16",
@@ -372,6 +409,9 @@ def test_training_on_mimic_with_ignored_uncertain_labels(mimic_run):
     assert checkpoint["label_names"] == LABELS and checkpoint["config"]["uncertain"] == "ignore"
     result, _ = evaluate_json("--ckpt", run / "best.pt")
     assert result["macro_auroc"] == pytest.approx(metrics["macro_auroc"])
+    assert result["bootstrap_unit"] == "patients" and result["num_bootstrap_units"] == 2     # 4 studies, 2 patients
+    compared, _ = evaluate_json("--compare", run / "best.pt", run / "best.pt")
+    assert compared["bootstrap_unit"] == "patients" and compared["num_bootstrap_units"] == 2
 
 
 def test_training_on_an_own_csv_with_its_own_label_names(tmp_path):
