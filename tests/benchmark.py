@@ -294,7 +294,7 @@ def main():
                 rates = {key: [] for key in variants}
                 continue
             print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()),
-                  flush=True)
+                  file=sys.stderr, flush=True)                # progress: stdout holds only the results
         calibration = resnet50_calibration(args) if device.type == "cuda" else None
 
     ratios = {"loader_speedup": ("loader speedup (memmap / PNG)", "memmap", "png"),

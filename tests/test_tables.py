@@ -448,6 +448,19 @@ def test_cross_dataset_evaluation_scores_the_shared_labels_only(mimic_run, tmp_p
     assert result["macro_auroc"] == pytest.approx(np.mean([result["per_label"][n]["auroc"] for n in scored]))
 
 
+def test_evaluate_json_is_one_object_on_stdout_when_an_image_cannot_be_decoded(mimic_run, tmp_path):
+    run, _ = mimic_run
+    (tmp_path / "img").mkdir()
+    for i in range(30):
+        write_jpg(tmp_path / "img" / f"{i}.jpg", seed=200 + i)
+    (tmp_path / "img" / "7.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    path = write_csv(tmp_path / "other.csv", ["image", "text", "Edema"],
+                     [[f"img/{i}.jpg", f"Report {i}.", i % 2] for i in range(30)])
+    result, stderr = evaluate_json("--ckpt", run / "best.pt", "--data", "csv", "--csv", path)   # json.loads(stdout)
+    assert result["per_label"]["Edema"]["auroc"] is not None
+    assert "warning: skipped 1 image(s) that cannot be decoded" in stderr and "7.jpg" in stderr
+
+
 def test_cross_dataset_evaluation_without_shared_labels_says_so(mimic_run, tmp_path):
     run, _ = mimic_run
     path = own_csv(tmp_path, num_rows=12)
