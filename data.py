@@ -501,7 +501,8 @@ def drop_undecodable(collection, bad):
     collection.splits = {split: np.setdiff1d(idx, bad) for split, idx in collection.splits.items()}
     kept = set(collection.report_index[np.concatenate(list(collection.splits.values()))].tolist())
     lost = [report.id for i, report in enumerate(collection.reports) if i not in kept]
-    collection.split_ids = {split: [rid for rid in ids if rid not in lost] for split, ids in collection.split_ids.items()}
+    collection.split_ids = {split: [rid for rid in ids if rid not in lost]
+                            for split, ids in collection.split_ids.items()}
     empty = [split for split in SPLITS if not len(collection.splits[split])]
     if empty:
         raise DataError(f"no decodable image is left in the {' and '.join(empty)} split under {collection.root}; "
@@ -558,7 +559,8 @@ def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_
 
 
 DATA_OPTIONS = ("data", "data_dir", "split_seed", "demo_reports", "demo_seed", "openi_url", "strict", "uncertain",
-                "mimic_labels", "views", "csv", "csv_image_column", "csv_text_column", "csv_labels", "csv_patient_column")
+                "mimic_labels", "views", "csv", "csv_image_column", "csv_text_column", "csv_labels",
+                "csv_patient_column")
 
 
 def prepare_from(options):

@@ -346,7 +346,8 @@ def latent_means(model, images, tokens, indices, config, device, batch_size=256)
 
 def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=False):
     """Rebuild a collection -> (images, tokens or None, labels (N, K), bootstrap groups (N,) and their unit
-    ("reports" or "patients"), splits), with K = the checkpoint's labels. Tokens are built for the `text` model (it reads reports) or when asked (posterior means for a picture).
+    ("reports" or "patients"), splits), with K = the checkpoint's labels. Tokens are built for the `text` model
+    (it reads reports) or when asked (posterior means for a picture).
 
     By default this is the checkpoint's own collection, and its split must be the one trained on. Data options
     (evaluate.py's --data, --data-dir, ...) may name another collection: cross-dataset evaluation, e.g. a model

@@ -664,7 +664,8 @@ def test_a_report_whose_images_all_fail_to_decode_leaves_every_count_and_the_spl
     expected_ids = {split: [rid for rid in ids if rid != "CXR1000"] for split, ids in split_ids.items()}
     assert collection.split_ids == expected_ids
     assert data.split_hash(collection.split_ids) == data.split_hash(expected_ids)
-    used_reports = {collection.reports[i].id for idx in collection.splits.values() for i in collection.report_index[idx]}
+    used_reports = {collection.reports[i].id for idx in collection.splits.values()
+                    for i in collection.report_index[idx]}
     assert used_reports == {rid for ids in collection.split_ids.values() for rid in ids}   # splits.json = training
     data.image_cache(collection, 8)                                         # a second call counts nothing twice
     assert collection.summary == summary

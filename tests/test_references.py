@@ -8,8 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted(REPO.glob("*.py")) + sorted((REPO / "tests").glob("*.py"))
-# lower-case words with underscores in prose that name no code of this repository on purpose: maths with subscripts is skipped
-# by the pattern (one-letter parts), these are names from elsewhere
+# lower-case words with underscores in prose that name no code of this repository on purpose (maths with
+# one-letter subscripts is skipped by the pattern): names from elsewhere
 OUTSIDE_NAMES = {"drop_last", "find_unused_parameters"}     # options of PyTorch's DataLoader and DDP
 
 
