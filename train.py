@@ -130,6 +130,16 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def own_part(saved, rank, world_size):
+    """This process's entry of a per-process list that a checkpoint holds (gather_to_main); a lone value is
+    a checkpoint of one process written before such lists existed."""
+    saved = saved if isinstance(saved, list) else [saved]
+    if len(saved) != world_size:
+        raise data.DataError(f"the checkpoint was written by {len(saved)} process(es): resume it with as many "
+                             f"(torchrun --nproc_per_node {len(saved)}), so that each continues its own random draws")
+    return saved[rank]
+
+
 def git(*args):
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
@@ -158,7 +168,20 @@ def environment(device):
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "tokenizers": tokenizers.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "cpu": cpu_name(), "threads": torch.get_num_threads()}
+            "cpu": cpu_name()} | numerics()
+
+
+def numerics():
+    """What else decides the exact floating-point results of the same command: the threads (a sum split
+    over more threads is added in another order), the torch build and the kernels it picks (CPU vector
+    instructions, CUDA/cuDNN versions), and the determinism settings."""
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "torch_git_version": torch.version.git_version, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -188,6 +211,16 @@ def finish_distributed(world_size):
     """Every process waits here for rank 0 (still evaluating and saving) before the run is over."""
     if world_size > 1:
         dist.barrier()
+
+
+def gather_to_main(value, world_size):
+    """[value of process 0, value of process 1, ...]: what each process must get back on --resume (its RNG
+    states, its loss sums), collected for process 0 to save. One small collective, at a checkpoint only."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def synchronize(device):
@@ -239,13 +272,24 @@ def place_images(cache, device, preload="auto", chunk=4096):
     return images
 
 
+SHUFFLE, AUGMENT = 0, 1                              # the random streams of an epoch, drawn the same in every process
+
+
+def epoch_generator(seed, epoch, stream, device="cpu"):
+    """A torch generator for one stream (SHUFFLE or AUGMENT) of one epoch. numpy's SeedSequence hashes
+    (seed, epoch, stream) into the seed, so that shuffling and augmentation never draw the same numbers and no
+    (seed, epoch) pair repeats another's; a resumed run recreates them exactly."""
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
 def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1):
     """This process's training samples for one epoch, (steps * batch_size / world_size,).
 
-    One permutation seeded by (seed, epoch), the same in every process (a resumed run repeats it exactly), is
-    cut into global batches of batch_size (the incomplete last one dropped: static shapes); each process takes
-    its contiguous 1/world_size of every global batch, so N processes see exactly the batches one would."""
-    shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    One permutation (the SHUFFLE stream of (seed, epoch)), the same in every process, is cut into global
+    batches of batch_size (the incomplete last one dropped: static shapes); each process takes its contiguous
+    1/world_size of every global batch, so N processes see exactly the batches one would."""
+    shuffle = epoch_generator(seed, epoch, SHUFFLE)
     order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)]
     steps = len(order) // batch_size
     return order[:steps * batch_size].view(steps, world_size, -1)[:, rank].reshape(-1)
@@ -318,6 +362,27 @@ def model_input(x, pixel_mean, pixel_std, augment_rng=None, rank=0, world_size=1
     return x
 
 
+def freeze_unreached(model, x, t, y, args):
+    """Parameters that the method's loss never reaches get requires_grad=False; returns their names.
+
+    `text` trains the posterior path only, so the prior head p(z|x) gets no gradient. DDP waits for a gradient
+    of every parameter that requires one and fails at the second step ("Expected to have finished reduction in
+    the prior iteration"); its find_unused_parameters=True would search the graph after every step instead.
+    Found once by one probe backward in eval mode (BatchNorm statistics untouched) with the RNG restored
+    afterwards (the run's draws unchanged). AdamW skipped these parameters already (no gradient), so one
+    process trains exactly as before, and DDP now leaves them out."""
+    model.eval()
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        loss = model(x, t, y, 1.0, args.prior_weight, args.latent_samples)["loss"]
+        names, parameters = zip(*model.named_parameters())
+        gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+    model.train()
+    unreached = [name for name, gradient in zip(names, gradients) if gradient is None]
+    for name in unreached:
+        model.get_parameter(name).requires_grad_(False)
+    return unreached
+
+
 # --------------------------------------------------------------------------------------------------- step
 
 def train_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args):
@@ -346,7 +411,11 @@ class TrainingStopped(Exception):
 
 class StopRequest:
     """Ctrl-C (SIGINT) during training: the step in flight finishes, last.pt is written at that exact step, and
-    the run exits; a second Ctrl-C stops at once. Checked between steps as a plain Python flag (no device sync)."""
+    the run exits; a second Ctrl-C stops at once. One process checks its flag between steps as a plain Python
+    flag (no device sync). Under torchrun (which passes the Ctrl-C on to every process) see `agreed`."""
+
+    def __init__(self, world_size, log_every, device):
+        self.world_size, self.log_every, self.device = world_size, log_every, device
 
     def __enter__(self):
         self.requested = False
@@ -356,10 +425,35 @@ class StopRequest:
     def handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self.previous)
-        tqdm.write("Ctrl-C: finishing this step, then saving last.pt (Ctrl-C again to quit without saving)")
+        when = "this step" if self.world_size == 1 else "up to --log-every steps (all processes stop together)"
+        tqdm.write(f"Ctrl-C: finishing {when}, then saving last.pt (Ctrl-C again to quit without saving)")
+
+    def agreed(self, steps_done, steps_per_epoch):
+        """Whether every process stops after this step. The signal reaches the processes at different steps,
+        and one that stops while another starts the next step hangs both in a collective; so they agree with
+        an all-reduce (max) of their flags, only at the steps where the loop syncs the host anyway: every
+        --log-every steps and the epoch's last step. One process reads its own flag after every step."""
+        if self.world_size == 1:
+            return self.requested
+        if steps_done != steps_per_epoch and not (self.log_every and steps_done % self.log_every == 0):
+            return False
+        flag = torch.tensor(float(self.requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def __exit__(self, *exception):
         signal.signal(signal.SIGINT, self.previous)
+
+
+def test_signal(rank, world_size):
+    """For the tests only: VKD_TEST_SIGNAL_AT_STEP=N:NAME (e.g. 12:SIGINT) makes the last process send itself
+    that signal after global step N, so that an interruption lands at a known step however busy the machine,
+    through the real handler. -> (step, signal) in that process, else None."""
+    spec = os.environ.get("VKD_TEST_SIGNAL_AT_STEP")
+    if spec is None or rank != world_size - 1:
+        return None
+    step, name = spec.split(":")
+    return int(step), signal.Signals[name]
 
 
 def check_finite(bad_steps, steps, epoch, amp, out, saved_epoch):
@@ -477,7 +571,9 @@ def train(args):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step, best_auroc = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_auroc"]
-        set_rng_states(checkpoint["rng"], device)
+        set_rng_states(own_part(checkpoint["rng"], rank, world_size), device)
+    probe = torch.zeros(2, 1, args.image_size, args.image_size, device=device)   # any input: the graph is the same
+    untrained = freeze_unreached(model, probe, tokens[:2], labels[:2], args)
     # a checkpoint written on Ctrl-C is part-way through epoch start_epoch: the steps it has done are skipped
     interrupted = checkpoint.get("interrupted") if checkpoint is not None else None
     # `model` stays the plain module (saved, evaluated, clipped); `forward` is what the step calls
@@ -488,7 +584,7 @@ def train(args):
     run_record = {"config": config, "environment": environment(device), "model": describe(model),
                   "split_sha256": split_sha256,
                   "data": collection.summary, "amp": amp, "world_size": world_size,
-                  "preloaded": torch.is_tensor(images)}
+                  "preloaded": torch.is_tensor(images), "untrained_parameters": untrained}
     if main_process:
         (out / "run.json").write_text(json.dumps(run_record, indent=1))
         skipped = ", ".join(f"{reason} {n}" for reason, n in collection.summary["skipped"].items() if n)
@@ -503,23 +599,24 @@ def train(args):
     first_step = step
     saved_epoch = start_epoch - 1 if checkpoint is not None else None
 
-    def checkpoint_state(epoch, **extra):
-        """last.pt / best.pt: a plain dict of tensors and numbers (loadable with weights_only=True)."""
+    def checkpoint_state(epoch, rng, **extra):
+        """last.pt / best.pt: a plain dict of tensors and numbers (loadable with weights_only=True); `rng` holds
+        every process's RNG states (gather_to_main): each draws its own latent noise and dropout masks."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "best_auroc": best_auroc, "config": config,
                 "model_config": vars(model_config), "tokenizer": "tokenizer.json", "split_sha256": split_sha256,
-                "label_names": collection.label_names, "rng": rng_states(device)} | extra
+                "label_names": collection.label_names, "rng": rng} | extra
 
-    with StopRequest() as stop:
+    signal_at = test_signal(rank, world_size)
+    with StopRequest(world_size, args.log_every, device) as stop:
         for epoch in range(start_epoch, end_epoch):
-            # Shuffle and augmentation draw from generators seeded by (seed, epoch): a resumed run repeats them
+            # Shuffle and augmentation draw from their own generators of (seed, epoch): a resumed run repeats them
             order = epoch_order(train_idx, args.seed, epoch, args.batch_size, rank, world_size).to(device)
-            augment_rng = (torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
-                           if not args.no_augment else None)
+            augment_rng = epoch_generator(args.seed, epoch, AUGMENT, device) if not args.no_augment else None
             sums = torch.zeros(5, device=device)      # loss parts and non-finite steps, summed on the device: no sync
             done = 0                                  # steps of this epoch already taken
             if interrupted is not None:
-                done, sums = interrupted["steps_done"], interrupted["sums"].to(device)
+                done, sums = interrupted["steps_done"], own_part(interrupted["sums"], rank, world_size).to(device)
                 if augment_rng is not None:
                     augment_rng.set_state(interrupted["augment_rng"])
                 interrupted = None
@@ -532,7 +629,6 @@ def train(args):
             for i, (x, t, y) in enumerate(bar, start=done):
                 x = model_input(x, args.pixel_mean, args.pixel_std, augment_rng, rank, world_size, args.channels_last)
                 parts = train_step(model, forward, optimizer, scaler, autocast, x, t, y, betas[step], args)
-                lr = optimizer.param_groups[0]["lr"]                # the rate this step used, for the log
                 step += 1
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, args.lr, args.warmup_steps)
@@ -544,14 +640,17 @@ def train(args):
                     run_record["time_to_first_step_s"] = time.time() - start_time
                 if args.log_every and (i + 1) % args.log_every == 0:          # the one host sync every N steps
                     bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
-                if stop.requested:                     # exactly where this epoch stands, to continue from here
+                if signal_at is not None and step == signal_at[0]:
+                    signal.raise_signal(signal_at[1])
+                if stop.agreed(i + 1, steps_per_epoch):  # exactly where this epoch stands, to continue from here
+                    rng, own_sums = (gather_to_main(part, world_size) for part in (rng_states(device), sums.cpu()))
                     if main_process:
-                        save_checkpoint(out / "last.pt", checkpoint_state(epoch - 1, interrupted={
-                            "steps_done": i + 1, "sums": sums.cpu(),
+                        save_checkpoint(out / "last.pt", checkpoint_state(epoch - 1, rng, interrupted={
+                            "steps_done": i + 1, "sums": own_sums,
                             "augment_rng": augment_rng.get_state() if augment_rng is not None else None}))
                         log.close()
                         print(f"\ninterrupted at step {i + 1}/{steps_per_epoch} of epoch {epoch + 1}; saved "
-                              f"{out}/last.pt. Continue with: python train.py --out {out} --resume")
+                              f"{out}/last.pt. Continue with: {resume_command(out, world_size)}")
                     finish_distributed(world_size)
                     raise KeyboardInterrupt
             if world_size > 1:
@@ -560,17 +659,20 @@ def train(args):
             bad_steps = int(sums[4].item())
             check_finite(bad_steps, steps_per_epoch * world_size, epoch, amp, out, saved_epoch)
             train_time = time.time() - epoch_start
+            rng = gather_to_main(rng_states(device), world_size)
+            lr = lr_at(step - 1, total_steps, args.lr, args.warmup_steps)      # the rate the last step used
             if not main_process:
                 continue
 
             p, _ = evaluate.predict(model, images, tokens, val_idx, config, device)
             val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
+            beta = betas[step - 1].item() if args.method == "vkd" else None        # image, text: no KL term
             record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
-                      "bce_prior": bce_prior, "kl": kl, "beta": betas[step - 1].item(), "lr": lr,
+                      "bce_prior": bce_prior, "kl": kl, "beta": beta, "lr": lr,
                       "val_macro_auroc": val_auroc, "images_per_s": steps_per_epoch * args.batch_size / train_time,
                       "epoch_s": time.time() - epoch_start, "nonfinite_steps": bad_steps}
             tqdm.write(f"epoch {epoch + 1:3d} step {step:6d} | loss {loss:7.3f} (bce_q {bce_posterior:.3f} "
-                       f"bce_p {bce_prior:.3f} kl {kl:7.3f}) | beta {record['beta']:.3f} | lr {lr:.2e} | "
+                       f"bce_p {bce_prior:.3f} kl {kl:7.3f}) | beta {format_beta(beta)} | lr {lr:.2e} | "
                        f"val macro AUROC {val_auroc:.4f} | {record['images_per_s']:.0f} img/s | "
                        f"{record['epoch_s']:.1f}s")
             if epoch == start_epoch and args.compile:
@@ -584,7 +686,7 @@ def train(args):
             score = -math.inf if math.isnan(val_auroc) else val_auroc
             is_best = score > best_auroc or not (out / "best.pt").exists()
             best_auroc = max(best_auroc, score)
-            state = checkpoint_state(epoch, val_macro_auroc=val_auroc)
+            state = checkpoint_state(epoch, rng, val_macro_auroc=val_auroc)
             if is_best:
                 save_checkpoint(out / "best.pt", state)
             save_checkpoint(out / "last.pt", state)
@@ -592,7 +694,7 @@ def train(args):
     if main_process:
         log.close()
         if end_epoch < args.epochs:
-            print(f"stopped after epoch {end_epoch}/{args.epochs}; continue with: python train.py --out {out} --resume")
+            print(f"stopped after epoch {end_epoch}/{args.epochs}; continue with: {resume_command(out, world_size)}")
     if end_epoch < args.epochs or not main_process:
         finish_distributed(world_size)
         return None
@@ -606,6 +708,17 @@ def train(args):
     print(f"wall time {metrics['wall_s']:.0f}s; results in {out}/")
     finish_distributed(world_size)
     return metrics
+
+
+def resume_command(out, world_size):
+    """A run continues with as many processes as it had (each resumes its own random draws)."""
+    launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node {world_size}"
+    return f"{launcher} train.py --out {out} --resume"
+
+
+def format_beta(beta):
+    """The KL weight for the epoch line; '-' for the methods whose loss has no KL term (image, text)."""
+    return "-" if beta is None else f"{beta:.3f}"
 
 
 def evaluate_best(out, collection, images, tokens, config, device, num_resamples):

@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU: 2 processes (gloo on 127.0.0.1) train exactly as one process does over the
-same global batches, and `torchrun train.py` runs end to end with rank 0 alone writing."""
+same global batches; `torchrun train.py` runs every method end to end with rank 0 alone writing, and a run
+stopped (--stop-after, or Ctrl-C in one process) and resumed under torchrun equals the uninterrupted one."""
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
@@ -98,16 +100,52 @@ def test_rank_slices_cover_the_global_batches_once():
     assert len(set(whole.tolist())) == 48 and set(whole.tolist()) <= set(train_idx.tolist())
 
 
-def test_torchrun_two_processes_end_to_end(tmp_path):
-    tiny = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4", "--latent-dim",
-            "8", "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps",
-            "2", "--beta-warmup-epochs", "1", "--epochs", "2", "--device", "cpu", "--allow-missing-labels"]
-    out = tmp_path / "run"
-    env = os.environ | LOOPBACK | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", *tiny, "--data-dir", str(tmp_path / "data"), "--out", str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8",
+        "--text-dim", "16", "--text-layers", "1", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20",
+        "--warmup-steps", "2", "--beta-warmup-epochs", "1", "--epochs", "2", "--log-every", "2", "--device", "cpu",
+        "--allow-missing-labels"]
+
+
+def torchrun(args, timeout=180, **env):
+    """train.py under torchrun with 2 CPU processes. A hang (processes waiting for each other in a collective)
+    fails the test; torchrun is then stopped with SIGTERM, which it passes on to its processes (they run in
+    sessions of their own, so a SIGKILL of torchrun alone would leave them hanging)."""
+    env = os.environ | LOOPBACK | {"OMP_NUM_THREADS": "1"} | env
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                "2", "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.communicate(timeout=60)
+        pytest.fail(f"torchrun train.py {' '.join(args)} did not finish in {timeout}s")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """vkd, 2 epochs, 2 processes: the reference run (it draws latent noise and dropout masks in each process)."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    result = torchrun([*TINY, "--data-dir", str(tmp / "data"), "--out", str(tmp / "whole")])
     assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, result
+
+
+def assert_same_weights_and_log(a, b):
+    state_a, state_b = (torch.load(run / "last.pt", weights_only=True) for run in (a, b))
+    assert state_a["step"] == state_b["step"]
+    for name, tensor in state_a["model"].items():
+        assert torch.equal(tensor, state_b["model"][name]), name
+    log_a, log_b = ([json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (a, b))
+    for line_a, line_b in zip(log_a, log_b, strict=True):
+        for key in ("epoch", "step", "loss", "kl", "beta", "lr", "val_macro_auroc"):
+            assert line_a[key] == line_b[key], key
+
+
+def test_torchrun_two_processes_end_to_end(uninterrupted):
+    tmp, result = uninterrupted
+    out = tmp / "whole"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]                       # written by rank 0 only, once per epoch
     assert result.stdout.count("epoch   1 step") == 1 and result.stdout.count("test AUROC of") == 1
@@ -115,3 +153,48 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     checkpoint = torch.load(out / "best.pt", weights_only=True)
     assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
     assert 0 <= json.loads((out / "metrics.json").read_text())["macro_auroc"] <= 1
+    assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+
+
+def test_torchrun_trains_every_method(uninterrupted):
+    """`text` never uses the prior head: DDP must not wait for its gradients (it failed at the second step)."""
+    tmp, _ = uninterrupted
+    runs = tmp / "all"
+    result = torchrun([*TINY, "--epochs", "1", "--method", "all", "--data-dir", str(tmp / "data"), "--out", str(runs)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("image", "vkd", "text"):
+        assert 0 <= json.loads((runs / f"demo-{method}-seed0" / "metrics.json").read_text())["macro_auroc"] <= 1
+    assert (runs / "demo-comparison.json").exists()
+    untrained = json.loads((runs / "demo-text-seed0" / "run.json").read_text())["untrained_parameters"]
+    assert untrained and all(name.startswith("prior.") for name in untrained)
+
+
+def test_torchrun_stop_after_then_resume_equals_the_uninterrupted_run(uninterrupted):
+    """Every process gets back its own RNG states: `vkd` draws different latent noise in each."""
+    tmp, _ = uninterrupted
+    common = ["--data-dir", str(tmp / "data"), "--out", str(tmp / "stopped")]
+    result = torchrun([*TINY, *common, "--stop-after", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continue with: torchrun --standalone --nproc_per_node 2 train.py --out" in result.stdout
+    result = torchrun([*common, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights_and_log(tmp / "whole", tmp / "stopped")
+
+
+def test_torchrun_ctrl_c_in_one_process_stops_all_at_one_step_and_resumes_exactly(uninterrupted):
+    """The signal reaches only the last process, after global step 12 (epoch 2 has 9 steps of which 3 are done);
+    the processes agree at the next --log-every step (4 of epoch 2), rank 0 saves there, and all exit."""
+    tmp, _ = uninterrupted
+    out = tmp / "ctrl-c"
+    steps = json.loads((tmp / "whole" / "log.jsonl").read_text().splitlines()[0])["step"]
+    assert steps == 9
+    result = torchrun([*TINY, "--data-dir", str(tmp / "data"), "--out", str(out)], VKD_TEST_SIGNAL_AT_STEP="12:SIGINT")
+    assert result.returncode != 0 and "interrupted at step 4/9 of epoch 2" in result.stdout, result.stderr[-3000:]
+    workers, launcher = result.stderr.split("failed (exitcode", 1)     # torchrun's report, with its own traceback
+    assert "Traceback" not in workers and launcher.count("exitcode  : 130") == 2    # both left through Ctrl-C's path
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["step"] == 13 and checkpoint["interrupted"]["steps_done"] == 4
+    assert len(checkpoint["interrupted"]["sums"]) == 2 and len(checkpoint["rng"]) == 2
+    result = torchrun(["--out", str(out), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights_and_log(tmp / "whole", out)

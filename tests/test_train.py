@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from model import VKD, VKDConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4", "--latent-dim", "8",
@@ -45,6 +46,42 @@ def test_augment_of_a_rank_slice_is_that_slice_of_the_global_batch_augmented():
     parts = [train.augment(x[4 * r:4 * (r + 1)], torch.Generator().manual_seed(0), r, 2) for r in range(2)]
     torch.testing.assert_close(torch.cat(parts), whole)
     assert not torch.equal(parts[0], parts[1])
+
+
+def test_shuffling_and_augmentation_draw_from_separate_streams():
+    seeds = {(seed, epoch, stream): train.epoch_generator(seed, epoch, stream).initial_seed()
+             for seed in range(3) for epoch in range(100) for stream in (train.SHUFFLE, train.AUGMENT)}
+    assert len(set(seeds.values())) == len(seeds)                    # no two streams, epochs or seeds coincide
+    shuffle, augment = (train.epoch_generator(0, 1, stream) for stream in (train.SHUFFLE, train.AUGMENT))
+    assert not torch.equal(torch.rand(8, generator=shuffle), torch.rand(8, generator=augment))
+    train_idx = np.arange(10, 50)
+    expected = torch.from_numpy(train_idx)[torch.randperm(40, generator=train.epoch_generator(0, 1, train.SHUFFLE))]
+    assert torch.equal(train.epoch_order(train_idx, 0, 1, 8), expected)
+
+
+def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
+    """`text` never reads the prior head: under DDP its parameters would wait for gradients that never come."""
+    x, t, y = torch.randn(2, 1, 32, 32), torch.randint(1, 50, (2, 6)), torch.ones(2, 3)
+    step_args = train.get_args(["--latent-samples", "1"])
+    for method, expected in (("vkd", []), ("image", []), ("text", ["prior.net.0.weight", "prior.net.0.bias",
+                                                                    "prior.net.2.weight", "prior.net.2.bias"])):
+        torch.manual_seed(0)
+        model = VKD(VKDConfig(method=method, num_labels=3, cnn_width=4, latent_dim=8, vocab_size=50, text_dim=16))
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        rng = torch.get_rng_state()
+        assert train.freeze_unreached(model, x, t, y, step_args) == expected, method
+        assert [name for name, p in model.named_parameters() if not p.requires_grad] == expected
+        assert torch.equal(torch.get_rng_state(), rng) and model.training                # the run's draws unchanged
+        assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())  # BatchNorm statistics too
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_process_gets_its_own_saved_state_back():
+    states = [{"torch": torch.tensor([rank])} for rank in range(2)]
+    assert train.own_part(states, 1, 2) is states[1]
+    assert train.own_part(states[0], 0, 1) is states[0]              # one process's checkpoint, older format
+    with pytest.raises(train.data.DataError, match=r"written by 2 process\(es\): resume it with as many"):
+        train.own_part(states, 0, 1)
 
 
 def test_streamed_batches_equal_preloaded_batches():
@@ -85,7 +122,7 @@ def test_end_to_end_run_writes_everything_and_evaluate_agrees(uninterrupted):
         assert (run / name).exists(), name
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
-    assert all(r["kl"] > 0 and r["bce_prior"] > 0 for r in log)
+    assert all(r["kl"] > 0 and r["bce_prior"] > 0 and r["beta"] > 0 for r in log)
     assert json.loads((run / "run.json").read_text())["config"]["method"] == "vkd"
     splits = json.loads((run / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"])
@@ -137,13 +174,15 @@ def test_streaming_from_the_memmap_trains_exactly_as_preloading(uninterrupted, t
     assert streamed["per_label"] == metrics["per_label"]
 
 
-def test_image_and_text_methods_train(tmp_path, uninterrupted):
+def test_image_and_text_methods_train(tmp_path, uninterrupted, capsys):
     tmp, _ = uninterrupted
     for method in ("image", "text"):
         args = train.get_args(TINY + ["--data-dir", str(tmp / "data"), "--out", str(tmp_path / method),
                                       "--epochs", "1", "--method", method])
         metrics = train.train(args)
         assert metrics["method"] == method and 0 <= metrics["macro_auroc"] <= 1
+        assert json.loads((tmp_path / method / "log.jsonl").read_text())["beta"] is None    # no KL term to weigh
+        assert "| beta - |" in capsys.readouterr().out
     result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp / "run" / "best.pt"),
                              "--compare", str(tmp_path / "image" / "best.pt"), "--bootstrap", "50", "--json"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
@@ -171,8 +210,12 @@ def test_run_json_records_what_a_rerun_needs(uninterrupted):
     record = json.loads((tmp / "run" / "run.json").read_text())
     environment = record["environment"]
     for key in ("git_commit", "git_uncommitted_changes", "python", "torch", "torchvision", "tokenizers", "numpy",
-                "pillow", "device", "cpu"):
+                "pillow", "device", "cpu", "torch_git_version", "cpu_capability", "cuda", "cudnn", "tf32_matmul",
+                "tf32_cudnn", "cudnn_deterministic", "cudnn_benchmark", "deterministic_algorithms"):
         assert key in environment, key
+    # a sum split over more threads is added in another order: same command, same numbers needs the same counts
+    assert environment["threads"] == torch.get_num_threads()
+    assert environment["interop_threads"] == torch.get_num_interop_threads()
     assert record["split_sha256"] == torch.load(tmp / "run" / "best.pt", weights_only=True)["split_sha256"]
     assert record["config"]["seed"] == 0 and record["config"]["pixel_mean"] > 0
     assert record["wall_s"] == metrics["wall_s"] and record["metrics"]["macro_auroc"] == metrics["macro_auroc"]
