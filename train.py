@@ -744,7 +744,8 @@ def run_recipe(args):
     for seed in seeds:
         for method in methods:
             out = root / f"{args.data}-{method}-seed{seed}"
-            print(f"\n=== {method}, seed {seed} -> {out}")
+            if not other_process:
+                print(f"\n=== {method}, seed {seed} -> {out}")
             metrics = train(argparse.Namespace(**vars(args) | {"method": method, "seed": seed, "out": str(out)}))
             if metrics is None and not other_process:
                 return None                                   # stopped early (--stop-after)
