@@ -190,8 +190,10 @@ def test_torchrun_ctrl_c_in_one_process_stops_all_at_one_step_and_resumes_exactl
     assert steps == 9
     result = torchrun([*TINY, "--data-dir", str(tmp / "data"), "--out", str(out)], VKD_TEST_SIGNAL_AT_STEP="12:SIGINT")
     assert result.returncode != 0 and "interrupted at step 4/9 of epoch 2" in result.stdout, result.stderr[-3000:]
-    workers, launcher = result.stderr.split("failed (exitcode", 1)     # torchrun's report, with its own traceback
-    assert "Traceback" not in workers and launcher.count("exitcode  : 130") == 2    # both left through Ctrl-C's path
+    # torchrun's report (with its own traceback) follows the processes' output; the first process to leave exits
+    # with Ctrl-C's 130, and torchrun may then end the other one with SIGTERM (last.pt was saved before either left)
+    workers, launcher = result.stderr.split("failed (exitcode", 1)
+    assert "Traceback" not in workers and launcher.startswith(": 130)"), launcher[:300]
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 0 and checkpoint["step"] == 13 and checkpoint["interrupted"]["steps_done"] == 4
     assert len(checkpoint["interrupted"]["sums"]) == 2 and len(checkpoint["rng"]) == 2

@@ -16,7 +16,7 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4", "--latent-dim", "8",
         "--text-dim", "16", "--max-len", "32", "--vocab-size", "200", "--bootstrap", "20", "--warmup-steps", "2",
-        "--beta-warmup-epochs", "1", "--epochs", "8", "--allow-missing-labels"]
+        "--beta-warmup-epochs", "1", "--epochs", "3", "--allow-missing-labels"]
 
 
 def run_train(args, signal_at_step=None):
