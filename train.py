@@ -485,6 +485,7 @@ def load_data(args, out, checkpoint, main_process=True):
     """Collection, tokenizer (trained on the training split's reports only) and the image cache.
     Only the main process writes splits.json and the tokenizer; under torchrun the others run this after it."""
     collection = data.prepare_from(vars(args))
+    cache = data.image_cache(collection, args.image_size, args.strict)    # drops reports left without an image
     split_sha256 = data.split_hash(collection.split_ids)
     if checkpoint is not None and checkpoint["split_sha256"] != split_sha256:
         raise data.DataError(f"the data under {args.data_dir} now give a different split than {out}/last.pt "
@@ -497,7 +498,6 @@ def load_data(args, out, checkpoint, main_process=True):
         data.train_tokenizer([collection.reports[i].text for i in train_reports], args.vocab_size).save(
             str(tokenizer_path))
     tokenizer = data.load_tokenizer(tokenizer_path)
-    cache = data.image_cache(collection, args.image_size, args.strict)
     return collection, split_sha256, tokenizer, cache
 
 
@@ -726,8 +726,8 @@ def evaluate_best(out, collection, images, tokens, config, device, num_resamples
     model, checkpoint = evaluate.load_checkpoint(out / "best.pt", device)
     test_idx = collection.splits["test"]
     p, _ = evaluate.predict(model, images, tokens, test_idx, config, device)
-    metrics = evaluate.metrics_report(collection.labels[test_idx], p, collection.report_index[test_idx],
-                                      num_resamples, label_names=collection.label_names)
+    metrics = evaluate.metrics_report(collection.labels[test_idx], p, collection.bootstrap_groups[test_idx],
+                                      num_resamples, label_names=collection.label_names, unit=collection.bootstrap_unit)
     return metrics | {"best_epoch": checkpoint["epoch"] + 1}
 
 

@@ -410,6 +410,7 @@ def test_training_on_mimic_with_ignored_uncertain_labels(mimic_run):
     result, _ = evaluate_json("--ckpt", run / "best.pt")
     assert result["macro_auroc"] == pytest.approx(metrics["macro_auroc"])
     assert result["bootstrap_unit"] == "patients" and result["num_bootstrap_units"] == 2     # 4 studies, 2 patients
+    assert metrics["bootstrap_unit"] == "patients" and metrics["num_bootstrap_units"] == 2   # train.py's own test
     compared, _ = evaluate_json("--compare", run / "best.pt", run / "best.pt")
     assert compared["bootstrap_unit"] == "patients" and compared["num_bootstrap_units"] == 2
 

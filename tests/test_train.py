@@ -219,3 +219,23 @@ def test_run_json_records_what_a_rerun_needs(uninterrupted):
     assert record["split_sha256"] == torch.load(tmp / "run" / "best.pt", weights_only=True)["split_sha256"]
     assert record["config"]["seed"] == 0 and record["config"]["pixel_mean"] > 0
     assert record["wall_s"] == metrics["wall_s"] and record["metrics"]["macro_auroc"] == metrics["macro_auroc"]
+
+
+def test_a_report_lost_to_undecodable_images_leaves_the_split_the_run_saves(tmp_path):
+    """Every image of one training report is broken: splits.json, the checkpoint's split hash and evaluate.py
+    must all see the split that training used (without that report), not the one read before decoding."""
+    import data
+    collection = data.prepare("demo", data_dir=str(tmp_path / "data"), demo_reports=60)
+    lost = collection.split_ids["train"][0]
+    report = next(i for i, r in enumerate(collection.reports) if r.id == lost)
+    for i in np.flatnonzero(collection.report_index == report):
+        Path(collection.image_paths[i]).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    run = tmp_path / "run"
+    train.train(train.get_args(TINY + ["--data-dir", str(tmp_path / "data"), "--out", str(run), "--epochs", "1"]))
+    saved = json.loads((run / "splits.json").read_text())
+    assert lost not in saved["train"] and saved["train"]
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["split_sha256"] == data.split_hash({s: saved[s] for s in ("train", "val", "test")})
+    result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json", "--bootstrap",
+                             "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
