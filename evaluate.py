@@ -27,6 +27,7 @@ from PIL import Image
 
 import data
 from data import LABELS
+from image_cache import decode_job
 from model import VKD, ImageEncoder, VKDConfig
 
 SUMMARY_KEYS = ("macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc")
@@ -468,7 +469,7 @@ def predict_files(model, checkpoint, paths, device, num_samples=0, uncertainty_s
     if checkpoint["model_config"]["method"] == "text":
         raise data.DataError("the `text` model reads the report; predict from images with a vkd or image checkpoint")
     config = checkpoint["config"]
-    decoded = [data.decode_job((path, config["image_size"])) for path in paths]       # like the cache build
+    decoded = [decode_job((path, config["image_size"])) for path in paths]       # like the cache build
     problems = [why for _, why in decoded if why is not None]
     if problems:
         raise data.DataError("cannot decode " + "; ".join(problems))

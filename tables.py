@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import LABELS, DataError, Report
+from reports import LABELS, DataError, Report
 
 MIMIC_PREFIX = "mimic-cxr-2.0.0"
 MIMIC_URL = "https://physionet.org/content/mimic-cxr-jpg/"

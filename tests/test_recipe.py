@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import evaluate
+import image_cache
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def test_single_images_of_any_kind_get_probabilities_and_an_overlay(recipe, tmp_
         assert all(0 <= probabilities[n]["p"] <= 1 and probabilities[n]["std"] > 0 for n in data.LABELS)
         with Image.open(probabilities["cam"]) as overlay:
             assert overlay.size == (64, 64) and overlay.mode == "RGB"      # twice the checkpoint's 32 px
-        x = evaluate.to_input(torch.from_numpy(data.load_image(path, 32))[None], config["pixel_mean"],
+        x = evaluate.to_input(torch.from_numpy(image_cache.load_image(path, 32))[None], config["pixel_mean"],
                               config["pixel_std"])
         expected = model.predict(x)[0][0]                       # the checkpoint's own preprocessing
         assert [probabilities[n]["p"] for n in data.LABELS] == pytest.approx(expected.tolist(), abs=1e-5)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import image_cache
 import tables
 from data import LABELS, SPLITS
 
@@ -278,7 +279,7 @@ def test_own_csv_any_label_names_relative_paths_and_a_seeded_split(tmp_path):
     assert sum(collection.summary["splits"].values()) == 30
     assert collection.split_ids == data.split_reports([f"line{i}" for i in range(2, 32)], 1)
     images = data.image_cache(collection, 16)
-    assert np.array_equal(images[3], data.load_image(tmp_path / "img" / "3.jpg", 16))
+    assert np.array_equal(images[3], image_cache.load_image(tmp_path / "img" / "3.jpg", 16))
 
 
 def test_own_csv_split_and_report_id_columns(tmp_path):
