@@ -1,8 +1,9 @@
 """Reports: what every reader of a collection shares, whatever the collection.
 
-The 14 CheXpert label names, the policies for an uncertain label, the Report a reader returns and DataError,
-the exception that says what is wrong with the user's data. openi.py, tables.py, download.py and data.py
-import from here; this file imports nothing of the project, so that imports run one way.
+The 14 CheXpert label names, the policies for an uncertain label, the Report a reader returns, DataError,
+the exception that says what is wrong with the user's data, and label_index, a label looked up by name.
+openi.py, tables.py, download.py, data.py and evaluate.py's side files import from here; this file imports
+nothing of the project, so that imports run one way.
 """
 from dataclasses import dataclass
 
@@ -31,3 +32,11 @@ class Report:
     def text(self):
         """The model's t: FINDINGS and IMPRESSION, the parts of the report written after reading the image."""
         return " ".join(part for part in (self.findings, self.impression) if part)
+
+
+def label_index(label_names, name):
+    """Index of a label given by name, case-insensitively; a clear error listing the names otherwise."""
+    lowered = [n.lower() for n in label_names]
+    if name.lower() not in lowered:
+        raise DataError(f"unknown label {name!r}; this checkpoint's labels: {', '.join(label_names)}")
+    return lowered.index(name.lower())
