@@ -9,9 +9,9 @@
 Test-time inference uses the image-only prior p(z|x) (VKD.predict); the `text` baseline is the one exception,
 evaluated with its report (VKD.predict_with_text) because it is an upper bound, not a test-time model.
 A label may be NaN, "not observed" (e.g. an uncertain MIMIC label under --uncertain ignore): every metric
-below leaves those entries out, label by label. Intervals are 95% percentile bootstrap over reports (OpenI, the
-demo), or over patients where the collection names them (MIMIC-CXR, a CSV with a patient column); the output
-says which. The `image` baseline is always evaluated at the prior mean (see prior_samples).
+(metrics.py) leaves those entries out, label by label. Intervals are 95% percentile bootstrap over reports
+(OpenI, the demo), or over patients where the collection names them (MIMIC-CXR, a CSV with a patient column);
+the output says which. The `image` baseline is always evaluated at the prior mean (see prior_samples).
 """
 import argparse
 import json
@@ -26,13 +26,12 @@ import data
 from calibration import (calibration_report, fit_temperature, format_analysis, operating_points_report,
                          rejection_curve)
 from compare import Evaluated, cell, compare_runs, format_comparison
-from data import LABELS
 from gradcam import cam_picture, grad_cam, overlay, save_rgb, slug
 from image_cache import decode_job
 from metrics import bootstrap_draws, resampled, run_report
 from model import VKD, VKDConfig
 from pictures import PlotError, plot_curves, plot_latents, plot_reliability, plot_training
-from reports import label_index
+from reports import LABELS, label_index
 
 # ------------------------------------------------------------------------------------------- inference
 

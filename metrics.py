@@ -8,6 +8,8 @@ bootstrap intervals over whole groups, reports or patients (bootstrap_indices).
 """
 import numpy as np
 
+# -------------------------------------------------------------------------------------------------- metrics
+
 SUMMARY_KEYS = ("macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc")
 
 
@@ -81,6 +83,8 @@ def auroc_summary(y, p):
     return metric_summary(auroc, y, p)
 
 
+# ------------------------------------------------------------------------------------------------ bootstrap
+
 def bootstrap_indices(groups, num_resamples, seed):
     """Yield sample indices of resamples that draw whole groups (reports, or patients) with replacement: all
     images of a report, or all studies of a patient, stay together, since they are not independent."""
@@ -124,6 +128,8 @@ def paired_difference(difference):
     p = 2 * min((difference <= 0).mean(), (difference >= 0).mean())
     return {"ci95": interval(difference), "p": float(min(1.0, p))}
 
+
+# ------------------------------------------------------------------------ one run's numbers, ready for JSON
 
 def none_if_nan(value):
     return None if value is None or np.isnan(value) else float(value)

@@ -613,7 +613,8 @@ def test_two_processes_building_one_cache_at_once_both_get_it_whole(tmp_path):
 
 def test_cache_build_checks_free_disk_space_first(tmp_path, monkeypatch):
     paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
-    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(image_cache.shutil, "disk_usage",
+                        lambda folder: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(data.DataError, match=r"needs 0.00 GiB in .*cache but only 0.00 GiB is free"):
         image_cache.cached_images(paths, 64, cache)
     assert not list(cache.glob("*.npy"))
@@ -628,7 +629,7 @@ def test_undecodable_images_are_recorded_not_fatal(tmp_path):
     array, bad = image_cache.cached_images(paths + bad_paths, 8, tmp_path / "cache")
     assert sorted(bad) == [4, 5, 6] and all(str(p) in bad[i] for i, p in zip((4, 5, 6), bad_paths))
     assert not array[4:].any() and np.array_equal(array[0], image_cache.load_image(paths[0], 8))
-    assert image_cache.cached_images(paths + bad_paths, 8, tmp_path / "cache")[1] == bad       # remembered in the manifest
+    assert image_cache.cached_images(paths + bad_paths, 8, tmp_path / "cache")[1] == bad   # remembered in the manifest
 
 
 def write_larger_collection(root, extra=20):
@@ -695,6 +696,21 @@ def test_data_py_json_is_one_object_on_stdout_when_an_image_cannot_be_decoded(tm
     assert summary["skipped"]["bad_image"] == 1
     assert "warning: skipped 1 image(s) that cannot be decoded" in result.stderr and str(broken) in result.stderr
     assert summary["reports_without_positive_label"] == 2
+
+
+def test_normalise_is_bit_identical_to_the_training_and_evaluation_formulas():
+    """data.normalise replaces train.model_input's and evaluate.to_input's own lines: the same bits, with and
+    without augmentation (here any function of x in [0, 1])."""
+    import torch
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8))   # (B, S, S)
+    mean, std = 0.4567, 0.2345
+    x = data.normalise(images, mean, std)
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.equal(x, ((images.float() / 255.0 - mean) / std).unsqueeze(1))                # evaluation's
+    assert torch.equal(x, (images.float().div(255).unsqueeze(1) - mean) / std)                 # training's
+    flip = lambda x: x.flip(-1) * 0.9                                                          # noqa: E731
+    expected = (flip(images.float().div(255).unsqueeze(1)) - mean) / std
+    assert torch.equal(data.normalise(images, mean, std, flip), expected)
 
 
 # --------------------------------------------------------------------------------------------- tokenizer

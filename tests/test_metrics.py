@@ -124,7 +124,8 @@ def test_paired_bootstrap_detects_a_real_difference():
 def test_the_metrics_say_what_the_bootstrap_resampled():
     rng = np.random.default_rng(3)
     y, p = (rng.random((60, 2)) < 0.5).astype(float), rng.random((60, 2))
-    metrics = evaluate.metrics_report(y, p, np.arange(60) // 6, num_resamples=20, label_names=["A", "B"], unit="patients")
+    metrics = evaluate.metrics_report(y, p, np.arange(60) // 6, num_resamples=20, label_names=["A", "B"],
+                                      unit="patients")
     assert metrics["bootstrap_unit"] == "patients" and metrics["num_bootstrap_units"] == 10
     assert "95% bootstrap over 10 patients" in evaluate.format_metrics(metrics, "title")
 
