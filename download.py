@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import OPENI_URL, DataError
+from openi import OPENI_URL
+from reports import DataError
 
 OPENI_REPORTS_SIZE = 1_112_632
 OPENI_REPORTS_SHA256 = "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"

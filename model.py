@@ -60,7 +60,7 @@ class ResidualStage(nn.Module):
 class ImageEncoder(nn.Module):
     """Compact CNN for 1-channel radiographs: (B, 1, H, W) -> (B, out_dim). Trains on a CPU at 128 px."""
 
-    def __init__(self, width=32):
+    def __init__(self, width):
         super().__init__()
         w = width
         self.stem = conv_bn(1, w, 2)                                         # (B, w, H/2, W/2)

@@ -5,7 +5,7 @@ not know which collection they see. Label values follow the CheXpert labeller's 
 
     1 positive    0 negative    -1 uncertain (--uncertain zeros | ones | ignore)    blank: not mentioned = 0
 
-Under `ignore` an uncertain label becomes NaN: model.bce leaves it out of the loss and evaluate.py out of AUROC.
+Under `ignore` an uncertain label becomes NaN: model.bce leaves it out of the loss and metrics.py out of AUROC.
 """
 import csv
 import gzip
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import LABELS, DataError, Report
+from reports import LABELS, DataError, Report
 
 MIMIC_PREFIX = "mimic-cxr-2.0.0"
 MIMIC_URL = "https://physionet.org/content/mimic-cxr-jpg/"

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
+from compare import format_comparison
+from metrics import auroc_summary
 from model import METHODS, VKD, VKDConfig, describe
 
 
@@ -353,10 +355,8 @@ def augment(x, generator, rank=0, world_size=1):
 
 def model_input(x, pixel_mean, pixel_std, augment_rng=None, rank=0, world_size=1, channels_last=False):
     """uint8 images (B, S, S) -> normalised float (B, 1, S, S), augmented when a generator is given."""
-    x = x.float().div(255).unsqueeze(1)
-    if augment_rng is not None:
-        x = augment(x, augment_rng, rank, world_size)
-    x = (x - pixel_mean) / pixel_std
+    augmented = None if augment_rng is None else (lambda x: augment(x, augment_rng, rank, world_size))
+    x = data.normalise(x, pixel_mean, pixel_std, augmented)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -665,7 +665,7 @@ def train(args):
                 continue
 
             p, _ = evaluate.predict(model, images, tokens, val_idx, config, device)
-            val_auroc = evaluate.auroc_summary(collection.labels[val_idx], p)["macro"]
+            val_auroc = auroc_summary(collection.labels[val_idx], p)["macro"]
             beta = betas[step - 1].item() if args.method == "vkd" else None        # image, text: no KL term
             record = {"epoch": epoch + 1, "step": step, "loss": loss, "bce_posterior": bce_posterior,
                       "bce_prior": bce_prior, "kl": kl, "beta": beta, "lr": lr,
@@ -753,10 +753,10 @@ def run_recipe(args):
     if other_process:
         return None                                           # under torchrun, process 0 compares
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    result = evaluate.compare_checkpoints(checkpoints, device, num_resamples=args.bootstrap, seed=0)
+    result, _ = evaluate.compare_checkpoints(checkpoints, device, num_resamples=args.bootstrap, seed=0)
     (root / f"{args.data}-comparison.json").write_text(json.dumps(result, indent=1))
     print(f"\n{len(methods)} method(s) x {len(seeds)} seed(s) on {args.data}, split seed {args.split_seed}\n")
-    print(evaluate.format_comparison(result))
+    print(format_comparison(result))
     return result
 
 

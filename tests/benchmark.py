@@ -104,7 +104,7 @@ class PNGDataset(torch.utils.data.Dataset):
 
 
 def write_cache(folder, count, size, vocab_size, max_len, num_labels, seed=0):
-    """A memory-mapped uint8 cache at OpenI size, with tokens and labels, as data.cached_images leaves it."""
+    """A memory-mapped uint8 cache at OpenI size, with tokens and labels, as image_cache.cached_images leaves it."""
     rng = np.random.default_rng(seed)
     cache = np.lib.format.open_memmap(Path(folder) / "images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size))
     for start in range(0, count, 1024):

@@ -20,7 +20,11 @@ import pytest
 from PIL import Image
 
 import data
-from data import LABELS, MESH_RULES, SPLITS, Report
+import image_cache
+import openi
+from data import LABELS, SPLITS
+from openi import MESH_RULES
+from reports import Report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +167,7 @@ def collection(tmp_path):
 # ----------------------------------------------------------------------------------------- parse_report
 
 def parse(name):
-    return data.parse_report(report_xml(**CASES[name]).encode(), name)
+    return openi.parse_report(report_xml(**CASES[name]).encode(), name)
 
 
 def test_parse_two_images_with_cxr1_1_naming():
@@ -178,7 +182,7 @@ def test_parse_two_images_with_cxr1_1_naming():
 def test_parse_empty_self_closing_findings_takes_text_from_impression():
     xml = report_xml(**CASES["3.xml"])
     assert '<AbstractText Label="FINDINGS"/>' in xml
-    report = data.parse_report(xml.encode(), "3.xml")
+    report = openi.parse_report(xml.encode(), "3.xml")
     assert report.findings == ""
     assert report.text == report.impression == CASES["3.xml"]["impression"]
 
@@ -186,7 +190,7 @@ def test_parse_empty_self_closing_findings_takes_text_from_impression():
 def test_parse_decodes_xml_entities():
     xml = report_xml(**CASES["9.xml"])
     assert "XXXX&lt;XXXX&gt;technologist" in xml
-    report = data.parse_report(xml.encode(), "9.xml")
+    report = openi.parse_report(xml.encode(), "9.xml")
     assert "Dr. XXXX<XXXX>technologist" in report.impression
     assert "&lt;" not in report.text and "&gt;" not in report.text
 
@@ -210,14 +214,14 @@ def test_parse_without_parent_image_and_with_four_images():
 @pytest.mark.parametrize("xml_text", [MALFORMED, "", "<eCitation><meta type='rr'/></eCitation>"])
 def test_parse_unusable_xml_raises_value_error_naming_the_source(xml_text):
     with pytest.raises(ValueError, match="reports/5.xml"):
-        data.parse_report(xml_text.encode(), "reports/5.xml")
+        openi.parse_report(xml_text.encode(), "reports/5.xml")
 
 
 # ------------------------------------------------------------------------------------- read_openi (skips)
 
 def test_read_openi_skip_rules_and_samples(collection):
     reports_dir, images_dir = collection
-    used, paths, summary = data.read_openi(reports_dir, images_dir)
+    used, paths, summary = openi.read_openi(reports_dir, images_dir)
     assert [r.id for r in used] == USED_IDS                                  # folder order: 1, 3, 9, ..., 1000
     assert summary["reports"] == len(CASES) + 1
     assert summary["skipped_ids"] == {"malformed_xml": [str(reports_dir / "5.xml")], **SKIPPED_IDS}
@@ -234,19 +238,19 @@ def test_read_openi_skip_rules_and_samples(collection):
 def test_read_openi_strict_stops_on_problems_not_on_filtered_reports(collection):
     reports_dir, images_dir = collection
     with pytest.raises(data.DataError, match=r"5.xml: malformed XML .*--strict"):
-        data.read_openi(reports_dir, images_dir, strict=True)
+        openi.read_openi(reports_dir, images_dir, strict=True)
     (reports_dir / "5.xml").unlink()
     with pytest.raises(data.DataError, match=r"1900.xml: report id CXR1 was already read from another file"):
-        data.read_openi(reports_dir, images_dir, strict=True)
+        openi.read_openi(reports_dir, images_dir, strict=True)
     (reports_dir / "1900.xml").unlink()
-    used, _, summary = data.read_openi(reports_dir, images_dir, strict=True)   # no_indexing/no_text/no_image stay
+    used, _, summary = openi.read_openi(reports_dir, images_dir, strict=True)   # no_indexing/no_text/no_image stay
     assert [r.id for r in used] == USED_IDS and summary["skipped"]["no_image"] == 2
 
 
 def test_non_ascii_report_text_is_read_and_tokenised(tmp_path):
     text = "Cardiomégalie modérée – no effusion; „Pneumothorax“ ausgeschlossen. 心脏增大. Ödem ≥ 2 cm."
     xml = report_xml(number=7, findings=text, impression="Größe normal.", image_ids=["CXR7_IM-1"])
-    report = data.parse_report(xml.encode("utf-8"), "7.xml")
+    report = openi.parse_report(xml.encode("utf-8"), "7.xml")
     assert report.text == text + " Größe normal."
     tokenizer = data.train_tokenizer([report.text] * 3 + ["plain ascii words"], vocab_size=200)
     ids = data.encode_texts(tokenizer, [report.text], max_len=256)[0]
@@ -272,8 +276,8 @@ def test_assemble_four_images_give_four_samples_with_the_report_labels(collectio
 def test_read_openi_from_tgz_equals_folder(collection, tmp_path):
     reports_dir, images_dir = collection
     tgz = make_tgz(reports_dir, tmp_path / "NLMCXR_reports.tgz")
-    used_dir, paths_dir, summary_dir = data.read_openi(reports_dir, images_dir)
-    used_tgz, paths_tgz, summary_tgz = data.read_openi(tgz, images_dir)
+    used_dir, paths_dir, summary_dir = openi.read_openi(reports_dir, images_dir)
+    used_tgz, paths_tgz, summary_tgz = openi.read_openi(tgz, images_dir)
     assert sorted(used_tgz, key=lambda r: r.id) == sorted(used_dir, key=lambda r: r.id)
     assert paths_tgz == paths_dir
     assert summary_tgz["reports"] == summary_dir["reports"] and summary_tgz["skipped"] == summary_dir["skipped"]
@@ -321,7 +325,7 @@ def test_prepare_openi_without_files_and_offline_says_what_to_download(tmp_path,
 def test_read_openi_tgz_keeps_the_folder_reading_order(collection, tmp_path):
     reports_dir, images_dir = collection
     tgz = make_tgz(reports_dir, tmp_path / "NLMCXR_reports.tgz")
-    assert [r.id for r in data.read_openi(tgz, images_dir)[0]] == USED_IDS
+    assert [r.id for r in openi.read_openi(tgz, images_dir)[0]] == USED_IDS
 
 
 # ------------------------------------------------------------------------------------------ labels_from_mesh
@@ -368,13 +372,13 @@ RULE_CASES = [
 
 
 def test_rule_cases_cover_every_mesh_rule():
-    assert [(label, data.normalise_term(term.split("/")[0])) for term, label in RULE_CASES] == \
+    assert [(label, openi.normalise_term(term.split("/")[0])) for term, label in RULE_CASES] == \
            [(label, head) for label, head, _ in MESH_RULES]
 
 
 @pytest.mark.parametrize("term, label", RULE_CASES)
 def test_each_mesh_rule_gives_exactly_its_label(term, label):
-    assert np.array_equal(data.labels_from_mesh([term]), one_hot(label))
+    assert np.array_equal(openi.labels_from_mesh([term]), one_hot(label))
 
 
 @pytest.mark.parametrize("term, label", [
@@ -386,34 +390,34 @@ def test_each_mesh_rule_gives_exactly_its_label(term, label):
     ("thickening/PLEURA", "Pleural Other"),
 ])
 def test_qualifier_rules_case_and_whitespace_positive(term, label):
-    assert np.array_equal(data.labels_from_mesh([term]), one_hot(label))
+    assert np.array_equal(openi.labels_from_mesh([term]), one_hot(label))
 
 
 @pytest.mark.parametrize("term", ["Mediastinum", "Mediastinum/normal", "Cardiac Shadow", "Density",
                                   "Density/cardiophrenic angle/left", "Thickening/spine", "Thickening",
                                   "Lung/hypoinflation", "Pleural Effusions/left"])
 def test_terms_without_a_matching_rule_are_negative(term):
-    assert not data.labels_from_mesh([term]).any()
+    assert not openi.labels_from_mesh([term]).any()
 
 
 def test_normal_alone_is_no_finding_only():
-    assert np.array_equal(data.labels_from_mesh(["normal"]), one_hot("No Finding"))
-    assert np.array_equal(data.labels_from_mesh([" Normal "]), one_hot("No Finding"))
-    assert np.array_equal(data.labels_from_mesh(["normal", "Cardiomegaly/mild"]), one_hot("Cardiomegaly"))
+    assert np.array_equal(openi.labels_from_mesh(["normal"]), one_hot("No Finding"))
+    assert np.array_equal(openi.labels_from_mesh([" Normal "]), one_hot("No Finding"))
+    assert np.array_equal(openi.labels_from_mesh(["normal", "Cardiomegaly/mild"]), one_hot("Cardiomegaly"))
 
 
 def test_distractors_only_give_all_zeros():
     distractors = ["Calcified Granuloma/lung/upper lobe/right", "Spine/degenerative/mild",
                    "Technical Quality of Image Unsatisfactory ", "Aorta/tortuous", "Granuloma"]
-    y = data.labels_from_mesh(distractors)
+    y = openi.labels_from_mesh(distractors)
     assert y.shape == (14,) and y.dtype == np.float32 and not y.any()
 
 
 def test_several_majors_combine_and_trailing_space_major_maps():
     assert np.array_equal(
-        data.labels_from_mesh(["Technical Quality of Image Unsatisfactory ", "Pneumothorax/apex/right/moderate"]),
+        openi.labels_from_mesh(["Technical Quality of Image Unsatisfactory ", "Pneumothorax/apex/right/moderate"]),
         one_hot("Pneumothorax"))
-    assert np.array_equal(data.labels_from_mesh(["Cardiomegaly/mild", "Pleural Effusion/bilateral", "Stents"]),
+    assert np.array_equal(openi.labels_from_mesh(["Cardiomegaly/mild", "Pleural Effusion/bilateral", "Stents"]),
                           one_hot("Cardiomegaly", "Pleural Effusion", "Support Devices"))
 
 
@@ -441,7 +445,7 @@ def test_assemble_keeps_all_images_of_a_report_in_one_split(tmp_path):
         reports.append(Report(f"CXR{n}", "Findings.", "Impression.", majors, []))
         paths[f"CXR{n}"] = [tmp_path / f"CXR{n}_IM-{k}.png" for k in range(int(rng.integers(1, 5)))]
     read_summary = {"reports": 60, "skipped": {}, "skipped_ids": {}}
-    labels = np.stack([data.labels_from_mesh(r.majors) for r in reports])
+    labels = np.stack([openi.labels_from_mesh(r.majors) for r in reports])
     collection = data.assemble(tmp_path, reports, labels, paths, read_summary, data.split_reports(list(paths), 3))
     assert collection.split_ids == data.split_reports([r.id for r in reports], 3)
     all_samples = np.concatenate([collection.splits[s] for s in SPLITS])
@@ -452,7 +456,7 @@ def test_assemble_keeps_all_images_of_a_report_in_one_split(tmp_path):
     for i, path in enumerate(collection.image_paths):
         report = reports[collection.report_index[i]]
         assert path in paths[report.id]
-        assert np.array_equal(collection.labels[i], data.labels_from_mesh(report.majors))
+        assert np.array_equal(collection.labels[i], openi.labels_from_mesh(report.majors))
     assert collection.summary["splits"] == {s: len(collection.split_ids[s]) for s in SPLITS}
 
 
@@ -480,7 +484,7 @@ def test_load_image_formats(tmp_path, name, pixels, expected):
     if pixels.dtype == np.uint16:
         with Image.open(path) as written:
             assert written.mode == "I;16"                                      # really a 16-bit PNG
-    image = data.load_image(path, 16)
+    image = image_cache.load_image(path, 16)
     assert image.shape == (16, 16) and image.dtype == np.uint8
     tolerance = 2 if name.endswith(".jpg") else 0
     assert np.abs(image.astype(int) - expected).max() <= tolerance
@@ -489,9 +493,9 @@ def test_load_image_formats(tmp_path, name, pixels, expected):
 def test_load_image_at_native_size_is_exact_and_resizing_squashes(tmp_path):
     pixels = random_gray(1, (16, 16))
     path = write_png(tmp_path / "noise.png", pixels)
-    assert np.array_equal(data.load_image(path, 16), pixels)
+    assert np.array_equal(image_cache.load_image(path, 16), pixels)
     ramp = np.tile(np.linspace(0, 255, 40).round().astype(np.uint8), (10, 1))     # 10 x 40, left dark, right bright
-    small = data.load_image(write_png(tmp_path / "ramp.png", ramp), 8)
+    small = image_cache.load_image(write_png(tmp_path / "ramp.png", ramp), 8)
     assert small.shape == (8, 8)
     assert (np.diff(small.astype(int), axis=1) > 0).all() and (small == small[0]).all()
 
@@ -500,7 +504,7 @@ def test_load_image_palette_png_gives_colours_not_indices(tmp_path):
     palette_image = Image.new("P", (30, 20), 3)                                  # every pixel is index 3
     palette_image.putpalette([0, 0, 0] * 3 + [200, 200, 200] + [0, 0, 0] * 252)   # index 3 -> gray 200
     palette_image.save(tmp_path / "palette.png")
-    assert (data.load_image(tmp_path / "palette.png", 16) == 200).all()
+    assert (image_cache.load_image(tmp_path / "palette.png", 16) == 200).all()
 
 
 def write_images(folder, count=3, seed=0):
@@ -510,15 +514,15 @@ def write_images(folder, count=3, seed=0):
 
 def test_cached_images_equal_direct_decoding_and_are_reused(tmp_path, monkeypatch):
     paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
-    array, bad = data.cached_images(paths, 8, cache)
+    array, bad = image_cache.cached_images(paths, 8, cache)
     assert array.shape == (3, 8, 8) and array.dtype == np.uint8 and bad == {}
     for row, path in zip(array, paths):
-        assert np.array_equal(row, data.load_image(path, 8))
+        assert np.array_equal(row, image_cache.load_image(path, 8))
     npy = cache / "images-8.npy"
     stamp = npy.stat().st_mtime_ns
     with monkeypatch.context() as patch:
-        patch.setattr(data, "load_image", lambda *args: pytest.fail("decoded again instead of using the cache"))
-        again, _ = data.cached_images(paths, 8, cache)
+        patch.setattr(image_cache, "load_image", lambda *args: pytest.fail("decoded again instead of using the cache"))
+        again, _ = image_cache.cached_images(paths, 8, cache)
     assert np.array_equal(again, array)
     assert npy.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in cache.iterdir()) == ["images-8.json", "images-8.lock", "images-8.npy"]
@@ -526,21 +530,21 @@ def test_cached_images_equal_direct_decoding_and_are_reused(tmp_path, monkeypatc
 
 def test_cached_images_rebuilt_for_another_size(tmp_path):
     paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
-    data.cached_images(paths, 8, cache)
-    bigger, _ = data.cached_images(paths, 12, cache)
+    image_cache.cached_images(paths, 8, cache)
+    bigger, _ = image_cache.cached_images(paths, 12, cache)
     assert bigger.shape == (3, 12, 12)
-    assert np.array_equal(bigger, np.stack([data.load_image(p, 12) for p in paths]))
+    assert np.array_equal(bigger, np.stack([image_cache.load_image(p, 12) for p in paths]))
 
 
 def test_cached_images_rebuilt_when_a_source_file_changes(tmp_path):
     paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
-    before = np.array(data.cached_images(paths, 8, cache)[0])
+    before = np.array(image_cache.cached_images(paths, 8, cache)[0])
     new_pixels = 255 - random_gray(1, (24, 20))
     write_png(paths[1], new_pixels)
     stat = os.stat(paths[1])
     os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))   # a later modification time
-    after, _ = data.cached_images(paths, 8, cache)
-    expected = data.load_image(paths[1], 8)
+    after, _ = image_cache.cached_images(paths, 8, cache)
+    expected = image_cache.load_image(paths[1], 8)
     assert not np.array_equal(expected, before[1])
     assert np.array_equal(after[1], expected)
     assert np.array_equal(after[[0, 2]], before[[0, 2]])
@@ -548,14 +552,14 @@ def test_cached_images_rebuilt_when_a_source_file_changes(tmp_path):
 
 def test_cached_images_rebuilt_when_the_file_list_changes(tmp_path):
     paths, cache = write_images(tmp_path / "png", count=4), tmp_path / "cache"
-    data.cached_images(paths[:3], 8, cache)
-    array, _ = data.cached_images(paths[1:], 8, cache)
-    assert np.array_equal(array, np.stack([data.load_image(p, 8) for p in paths[1:]]))
+    image_cache.cached_images(paths[:3], 8, cache)
+    array, _ = image_cache.cached_images(paths[1:], 8, cache)
+    assert np.array_equal(array, np.stack([image_cache.load_image(p, 8) for p in paths[1:]]))
 
 
 def test_an_interrupted_cache_build_continues_where_it_stopped(tmp_path, monkeypatch):
     paths, cache = write_images(tmp_path / "png", count=7), tmp_path / "cache"
-    real_load, calls = data.load_image, []
+    real_load, calls = image_cache.load_image, []
 
     def load_then_interrupt(path, size):
         if len(calls) == 5:
@@ -563,15 +567,15 @@ def test_an_interrupted_cache_build_continues_where_it_stopped(tmp_path, monkeyp
         calls.append(path)
         return real_load(path, size)
 
-    monkeypatch.setattr(data, "CACHE_CHUNK", 2)
-    monkeypatch.setattr(data, "load_image", load_then_interrupt)
+    monkeypatch.setattr(image_cache, "CACHE_CHUNK", 2)
+    monkeypatch.setattr(image_cache, "load_image", load_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        data.cached_images(paths, 8, cache)
+        image_cache.cached_images(paths, 8, cache)
     assert not (cache / "images-8.json").exists() and not (cache / "images-8.npy").exists()
     assert json.loads((cache / "images-8.progress.json").read_text())["done"] == 4   # two chunks were recorded
     calls.clear()
-    monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or real_load(path, size))
-    array, bad = data.cached_images(paths, 8, cache)
+    monkeypatch.setattr(image_cache, "load_image", lambda path, size: calls.append(path) or real_load(path, size))
+    array, bad = image_cache.cached_images(paths, 8, cache)
     assert calls == paths[4:]                                         # only what was not yet recorded
     assert np.array_equal(array, np.stack([real_load(p, 8) for p in paths])) and bad == {}
     assert not (cache / "images-8.progress.json").exists() and not (cache / "images-8.partial.npy").exists()
@@ -579,39 +583,40 @@ def test_an_interrupted_cache_build_continues_where_it_stopped(tmp_path, monkeyp
 
 def test_a_damaged_cache_is_rebuilt_not_used(tmp_path):
     paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
-    expected = np.array(data.cached_images(paths, 8, cache)[0])
+    expected = np.array(image_cache.cached_images(paths, 8, cache)[0])
     npy = cache / "images-8.npy"
     npy.write_bytes(npy.read_bytes()[:-50])                           # truncated after it was written
-    assert np.array_equal(data.cached_images(paths, 8, cache)[0], expected)
+    assert np.array_equal(image_cache.cached_images(paths, 8, cache)[0], expected)
     (cache / "images-8.json").write_text("{not json")                 # a half-written manifest
-    assert np.array_equal(data.cached_images(paths, 8, cache)[0], expected)
+    assert np.array_equal(image_cache.cached_images(paths, 8, cache)[0], expected)
 
 
 def test_parallel_cache_build_equals_the_serial_one(tmp_path):
     paths = write_images(tmp_path / "png", count=80)                  # more than 64: the process pool is used
-    serial, _ = data.cached_images(paths, 8, tmp_path / "serial", workers=1)
-    parallel, _ = data.cached_images(paths, 8, tmp_path / "parallel", workers=2)
+    serial, _ = image_cache.cached_images(paths, 8, tmp_path / "serial", workers=1)
+    parallel, _ = image_cache.cached_images(paths, 8, tmp_path / "parallel", workers=2)
     assert np.array_equal(serial, parallel)
 
 
 def test_two_processes_building_one_cache_at_once_both_get_it_whole(tmp_path):
     paths, cache = write_images(tmp_path / "png", count=40), tmp_path / "cache"
-    script = ("import sys, hashlib, numpy as np, data; from pathlib import Path; "
-              "a, bad = data.cached_images([Path(p) for p in sys.argv[2:]], 16, sys.argv[1]); "
+    script = ("import sys, hashlib, numpy as np, image_cache; from pathlib import Path; "
+              "a, bad = image_cache.cached_images([Path(p) for p in sys.argv[2:]], 16, sys.argv[1]); "
               "print(hashlib.sha256(np.ascontiguousarray(a)).hexdigest(), len(bad))")
     runs = [subprocess.Popen([sys.executable, "-c", script, str(cache)] + [str(p) for p in paths], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=120)[0].split() for run in runs]
-    expected = hashlib.sha256(np.stack([data.load_image(p, 16) for p in paths])).hexdigest()
+    expected = hashlib.sha256(np.stack([image_cache.load_image(p, 16) for p in paths])).hexdigest()
     assert outputs == [[expected, "0"], [expected, "0"]]
     assert not list(cache.glob("*.partial.npy")) and not list(cache.glob("*.tmp"))
 
 
 def test_cache_build_checks_free_disk_space_first(tmp_path, monkeypatch):
     paths, cache = write_images(tmp_path / "png"), tmp_path / "cache"
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(image_cache.shutil, "disk_usage",
+                        lambda folder: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(data.DataError, match=r"needs 0.00 GiB in .*cache but only 0.00 GiB is free"):
-        data.cached_images(paths, 64, cache)
+        image_cache.cached_images(paths, 64, cache)
     assert not list(cache.glob("*.npy"))
 
 
@@ -621,10 +626,10 @@ def test_undecodable_images_are_recorded_not_fatal(tmp_path):
     (tmp_path / "text.png").write_text("not an image at all")
     (tmp_path / "cut.png").write_bytes(paths[0].read_bytes()[:60])           # truncated PNG
     bad_paths = [tmp_path / "empty.png", tmp_path / "text.png", tmp_path / "cut.png"]
-    array, bad = data.cached_images(paths + bad_paths, 8, tmp_path / "cache")
+    array, bad = image_cache.cached_images(paths + bad_paths, 8, tmp_path / "cache")
     assert sorted(bad) == [4, 5, 6] and all(str(p) in bad[i] for i, p in zip((4, 5, 6), bad_paths))
-    assert not array[4:].any() and np.array_equal(array[0], data.load_image(paths[0], 8))
-    assert data.cached_images(paths + bad_paths, 8, tmp_path / "cache")[1] == bad       # remembered in the manifest
+    assert not array[4:].any() and np.array_equal(array[0], image_cache.load_image(paths[0], 8))
+    assert image_cache.cached_images(paths + bad_paths, 8, tmp_path / "cache")[1] == bad   # remembered in the manifest
 
 
 def write_larger_collection(root, extra=20):
@@ -693,6 +698,21 @@ def test_data_py_json_is_one_object_on_stdout_when_an_image_cannot_be_decoded(tm
     assert summary["reports_without_positive_label"] == 2
 
 
+def test_normalise_is_bit_identical_to_the_training_and_evaluation_formulas():
+    """data.normalise replaces train.model_input's and evaluate.to_input's own lines: the same bits, with and
+    without augmentation (here any function of x in [0, 1])."""
+    import torch
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8))   # (B, S, S)
+    mean, std = 0.4567, 0.2345
+    x = data.normalise(images, mean, std)
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.equal(x, ((images.float() / 255.0 - mean) / std).unsqueeze(1))                # evaluation's
+    assert torch.equal(x, (images.float().div(255).unsqueeze(1) - mean) / std)                 # training's
+    flip = lambda x: x.flip(-1) * 0.9                                                          # noqa: E731
+    expected = (flip(images.float().div(255).unsqueeze(1)) - mean) / std
+    assert torch.equal(data.normalise(images, mean, std, flip), expected)
+
+
 # --------------------------------------------------------------------------------------------- tokenizer
 
 TEXTS = ["The heart is mildly enlarged.", "Small left pleural effusion.", "No pneumothorax. The lungs are clear.",
@@ -759,7 +779,7 @@ def test_a_corrupt_reports_archive_gives_a_clear_error(tmp_path):
     bad_tgz = tmp_path / "NLMCXR_reports.tgz"
     bad_tgz.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(data.DataError, match="NLMCXR_reports.tgz is not a readable .tgz"):
-        list(data.iter_report_files(bad_tgz))
+        list(openi.iter_report_files(bad_tgz))
 
 
 def test_demo_drawn_in_parallel_is_byte_identical_to_the_serial_draw(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import download as dl
-from data import DataError
+from reports import DataError
 from download import download, fetch_openi, safe_extract
 
 

@@ -12,7 +12,11 @@ from PIL import Image
 
 import data
 import evaluate
+import gradcam
+import image_cache
+import metrics
 import train
+from model import VKD, VKDConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4", "--latent-dim", "8",
@@ -58,7 +62,7 @@ def test_comparing_a_checkpoint_with_itself_gives_exactly_zero(recipe):
     runs, _ = recipe
     vkd = runs / "demo-vkd-seed0" / "best.pt"
     result = json.loads(run_evaluate("--compare", vkd, vkd, "--bootstrap", 50, "--json").stdout)
-    for key in evaluate.SUMMARY_KEYS:
+    for key in metrics.SUMMARY_KEYS:
         assert result["methods"][1]["difference"][key] == {"value": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
 
 
@@ -89,8 +93,8 @@ def test_single_images_of_any_kind_get_probabilities_and_an_overlay(recipe, tmp_
         assert all(0 <= probabilities[n]["p"] <= 1 and probabilities[n]["std"] > 0 for n in data.LABELS)
         with Image.open(probabilities["cam"]) as overlay:
             assert overlay.size == (64, 64) and overlay.mode == "RGB"      # twice the checkpoint's 32 px
-        x = evaluate.to_input(torch.from_numpy(data.load_image(path, 32))[None], config["pixel_mean"],
-                              config["pixel_std"])
+        x = data.normalise(torch.from_numpy(image_cache.load_image(path, 32))[None], config["pixel_mean"],
+                           config["pixel_std"])
         expected = model.predict(x)[0][0]                       # the checkpoint's own preprocessing
         assert [probabilities[n]["p"] for n in data.LABELS] == pytest.approx(expected.tolist(), abs=1e-5)
     png = [result[str(paths[0])][n]["p"] for n in data.LABELS]
@@ -112,10 +116,10 @@ def test_single_images_of_any_kind_get_probabilities_and_an_overlay(recipe, tmp_
 
 def test_grad_cam_looks_at_the_image_only_path():
     torch.manual_seed(0)
-    model = evaluate.VKD(evaluate.VKDConfig(cnn_width=4, latent_dim=8, text_dim=16, max_len=8, vocab_size=50)).eval()
+    model = VKD(VKDConfig(cnn_width=4, latent_dim=8, text_dim=16, max_len=8, vocab_size=50)).eval()
     model.text_encoder.forward = None                           # calling the text encoder would raise
     x = torch.randn(2, 1, 32, 32)
-    cam = evaluate.grad_cam(model, x, 3)
+    cam = gradcam.grad_cam(model, x, 3)
     assert cam.shape == (2, 32, 32) and cam.min() >= 0
     assert all(peak in (0.0, pytest.approx(1.0)) for peak in cam.amax(dim=(1, 2)).tolist())  # 0: nothing for it
     assert all(p.grad is None for p in model.parameters())      # no gradient left behind on the weights

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import data
+import image_cache
+import metrics
 import tables
 from data import LABELS, SPLITS
 
@@ -278,7 +280,7 @@ def test_own_csv_any_label_names_relative_paths_and_a_seeded_split(tmp_path):
     assert sum(collection.summary["splits"].values()) == 30
     assert collection.split_ids == data.split_reports([f"line{i}" for i in range(2, 32)], 1)
     images = data.image_cache(collection, 16)
-    assert np.array_equal(images[3], data.load_image(tmp_path / "img" / "3.jpg", 16))
+    assert np.array_equal(images[3], image_cache.load_image(tmp_path / "img" / "3.jpg", 16))
 
 
 def test_own_csv_split_and_report_id_columns(tmp_path):
@@ -341,7 +343,6 @@ def test_own_csv_an_undecodable_image_is_skipped_and_counted(tmp_path):
 
 
 def test_mimic_studies_carry_their_patient_and_the_bootstrap_draws_whole_patients(mimic):
-    import evaluate
     root, studies = mimic
     collection = data.prepare("mimic", root)
     assert collection.bootstrap_unit == "patients"
@@ -349,7 +350,7 @@ def test_mimic_studies_carry_their_patient_and_the_bootstrap_draws_whole_patient
     same_patient = subject[:, None] == subject[None, :]
     assert np.array_equal(same_patient, collection.bootstrap_groups[:, None] == collection.bootstrap_groups[None, :])
     assert len(np.unique(collection.report_index)) == 24 and len(np.unique(collection.bootstrap_groups)) == 12
-    for idx in evaluate.bootstrap_indices(collection.bootstrap_groups, 20, seed=0):
+    for idx in metrics.bootstrap_indices(collection.bootstrap_groups, 20, seed=0):
         counts = np.bincount(idx, minlength=len(subject))        # every image of a patient drawn equally often
         assert all(len(set(counts[subject == s])) == 1 for s in set(subject))
 
@@ -444,7 +445,7 @@ def test_cross_dataset_evaluation_scores_the_shared_labels_only(mimic_run, tmp_p
     model, checkpoint = evaluate.load_checkpoint(run / "best.pt")
     p, _ = evaluate.predict(model, data.image_cache(collection, 32), None, test, checkpoint["config"], "cpu")
     k = LABELS.index("Edema")
-    expected = evaluate.auroc(collection.labels[test, collection.label_names.index("Edema")], p[:, k])
+    expected = metrics.auroc(collection.labels[test, collection.label_names.index("Edema")], p[:, k])
     assert result["per_label"]["Edema"]["auroc"] == pytest.approx(expected)
     assert result["macro_auroc"] == pytest.approx(np.mean([result["per_label"][n]["auroc"] for n in scored]))
 

@@ -1,0 +1,154 @@
+"""Comparison of several runs: methods and seeds on one test split, with paired bootstrap differences.
+
+Pure functions on predictions: evaluate.py's compare_checkpoints evaluates each checkpoint (an Evaluated)
+and calls compare_runs; format_comparison writes the result as Markdown tables (evaluate.py --compare,
+train.py --method all). Runs that differ only in the seed are one method (group_runs), reported as mean and
+std across seeds (seed_statistics) with the bootstrap interval of the seed mean.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from metrics import METRICS, SUMMARY_KEYS, bootstrap_draws, interval, paired_difference, resampled, run_report
+from reports import LABELS, DataError
+
+class Evaluated(NamedTuple):
+    """One checkpoint evaluated on one split: what compare_runs compares."""
+    labels: np.ndarray          # (N, K), NaN = not observed
+    probabilities: np.ndarray   # (N, K)
+    groups: np.ndarray          # (N,) bootstrap group of each image: its report or its patient
+    unit: str                   # "reports" or "patients"
+    prediction: str             # how the probabilities were made (prediction_name)
+    checkpoint: dict
+
+
+NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile", "channels_last",
+                  "preload", "log_every", "bootstrap")                 # options that do not change what is learnt
+
+
+def group_runs(configs):
+    """Runs whose configs differ only in the seed (and bookkeeping such as the run folder or device) are seeds
+    of one method -> [[run index, ...], ...] in order of first appearance. A seed already in a group starts a
+    new group, so a run compared with itself counts as two methods."""
+    groups, keys = [], []
+    for i, config in enumerate(configs):
+        key = {k: v for k, v in config.items() if k not in NOT_THE_METHOD}
+        for group, group_key in zip(groups, keys):
+            if group_key == key and all(configs[j]["seed"] != config["seed"] for j in group):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+            keys.append(key)
+    return groups
+
+
+def seed_statistics(values):
+    """Mean and sample std across seeds (std None for one seed; None where undefined)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        return {"mean": None, "std": None}
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+
+
+def nan_if_none(value):
+    return np.nan if value is None else value
+
+
+def compare_runs(paths, runs, num_resamples=1000, seed=0):
+    """Runs = evaluate_checkpoint results (Evaluated) on one split. Each run gets its own estimates and
+    intervals; runs that differ only in the seed form one method, reported as mean +- std across seeds with the
+    interval of the seed mean; every method after the first gets the paired bootstrap of its difference to the
+    first (seed means on the same resamples of reports or patients) with a p-value."""
+    y, groups, unit, first = runs[0].labels, runs[0].groups, runs[0].unit, runs[0].checkpoint
+    for path, run in zip(paths[1:], runs[1:]):
+        if not (run.checkpoint["split_sha256"] == first["split_sha256"] and np.array_equal(groups, run.groups)
+                and run.unit == unit and np.array_equal(y, run.labels, equal_nan=True)):
+            raise DataError(f"{paths[0]} and {path} were not evaluated on the same split")
+    label_names = first.get("label_names", LABELS)
+    draws = bootstrap_draws(y, [run.probabilities for run in runs], groups, num_resamples, seed)
+    result = {"num_images": int(len(y)), **resampled(groups, unit), "num_resamples": num_resamples,
+              "label_names": label_names, "runs": [], "methods": []}
+    for path, draw, run in zip(paths, draws, runs):
+        config = run.checkpoint["config"]
+        result["runs"].append({"checkpoint": str(path), "method": config["method"], "seed": config["seed"],
+                               "best_epoch": run.checkpoint["epoch"] + 1, "prediction": run.prediction}
+                              | run_report(y, run.probabilities, draw, label_names))
+    configs = [run.checkpoint["config"] for run in runs]
+    method_groups = group_runs(configs)
+    names = [configs[g[0]]["method"] for g in method_groups]
+    names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
+    mean_draws = [{key: np.mean([draws[i][key] for i in g], axis=0) for key in draws[0]} for g in method_groups]
+    for name, g, mean_draw in zip(names, method_groups, mean_draws):
+        runs_of = [result["runs"][i] for i in g]
+        method = {"name": name, "runs": g, "seeds": [r["seed"] for r in runs_of], "per_label": {}}
+        for k, label in enumerate(label_names):
+            method["per_label"][label] = {
+                metric: seed_statistics([nan_if_none(r["per_label"][label][metric]) for r in runs_of])
+                | {"ci95": interval(mean_draw[metric][:, k])} for metric in METRICS}
+        for key in SUMMARY_KEYS:
+            method[key] = seed_statistics([nan_if_none(r[key]) for r in runs_of]) | {"ci95": interval(mean_draw[key])}
+        if result["methods"]:
+            baseline = result["methods"][0]
+            method["difference"] = {"vs": baseline["name"]}
+            for key in SUMMARY_KEYS:
+                a, b = baseline[key]["mean"], method[key]["mean"]
+                method["difference"][key] = {"value": None if a is None or b is None else b - a,
+                                             **paired_difference(mean_draw[key] - mean_draws[0][key])}
+        result["methods"].append(method)
+    return result
+
+
+def cell(value, ci, std=None):
+    """'0.912 +- 0.010 [0.880, 0.940]' (std only for several seeds); n/a when undefined."""
+    if value is None:
+        return "n/a (one class only)"
+    text = f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+    return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def p_value(p, num_resamples):
+    """No resample on the far side of zero bounds p by the resolution of the bootstrap, it does not make it 0."""
+    return f"p < {2 / num_resamples:.3f}" if p == 0 else f"p = {p:.3f}"
+
+
+def format_comparison(result):
+    """The comparison as Markdown tables (readable in a terminal, pasteable into a README)."""
+    methods, first, resamples = result["methods"], result["runs"][0], result["num_resamples"]
+    several_seeds = any(len(m["runs"]) > 1 for m in methods)
+    lines = [f"test split: {result['num_images']} images; 95% intervals: bootstrap over "
+             f"{result['num_bootstrap_units']} {result['bootstrap_unit']} ({result['num_resamples']} resamples)"
+             + ("; mean ± std across seeds, interval of the seed mean" if several_seeds else ""), ""]
+    header = "| label | positives | " + " | ".join(m["name"] for m in methods) + " |"
+    rule = "|---|---:|" + "---|" * len(methods)
+    for metric in METRICS:
+        lines += [f"{metric.upper()}", "", header, rule]
+        for label in result["label_names"]:
+            cells = [cell(m["per_label"][label][metric]["mean"], m["per_label"][label][metric]["ci95"],
+                          m["per_label"][label][metric]["std"]) for m in methods]
+            lines.append(f"| {label} | {first['per_label'][label]['positives']} | " + " | ".join(cells) + " |")
+        for kind in ("macro", "micro"):
+            key = f"{kind}_{metric}"
+            lines.append(f"| **{kind}** | | " + " | ".join(cell(m[key]["mean"], m[key]["ci95"], m[key]["std"])
+                                                          for m in methods) + " |")
+        lines.append("")
+    if len(methods) > 1:
+        lines += [f"paired bootstrap of each difference to {methods[0]['name']} (same resamples"
+                  + (", seed means" if several_seeds else "") + "): difference [95% CI], two-sided p", "",
+                  "| difference | " + " | ".join(k.replace("_", " ") for k in SUMMARY_KEYS) + " |",
+                  "|---|" + "---|" * len(SUMMARY_KEYS)]
+        for m in methods[1:]:
+            cells = []
+            for key in SUMMARY_KEYS:
+                d = m["difference"][key]
+                cells.append("n/a" if d["value"] is None or d["ci95"] is None else
+                             f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {p_value(d['p'], resamples)}")
+            lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["each run", "", "| run | method | seed | best epoch | macro AUROC | macro AUPRC | probabilities |",
+              "|---|---|---:|---:|---|---|---|"]
+    for run in result["runs"]:
+        lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | {run['best_epoch']} | "
+                     f"{cell(run['macro_auroc'], run['macro_auroc_ci95'])} | "
+                     f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} | {run['prediction']} |")
+    return "\n".join(lines)
