@@ -23,7 +23,7 @@ class Evaluated(NamedTuple):
 
 
 NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile", "channels_last",
-                  "preload", "log_every", "bootstrap")                 # options that do not change what is learnt
+                  "preload", "log_every", "bootstrap", "preset")       # options that do not change what is learnt
 
 
 def group_runs(configs):

@@ -313,6 +313,48 @@ def add_data_args(parser, inherit=False):
         add("--image-size", 128, type=int, help="cached image side in px")
 
 
+# --------------------------------------------------------------------------------------------- a run's data
+
+def load_for_run(args, out, checkpoint, main_process=True):
+    """Collection, tokenizer (trained on the training split's reports only) and the image cache.
+    Only the main process writes splits.json and the tokenizer; under torchrun the others run this after it."""
+    collection = prepare_from(vars(args))
+    cache = image_cache(collection, args.image_size, args.strict)    # drops reports left without an image
+    split_sha256 = split_hash(collection.split_ids)
+    if checkpoint is not None and checkpoint["split_sha256"] != split_sha256:
+        raise DataError(f"the data under {args.data_dir} now give a different split than {out}/last.pt "
+                             f"was trained on; resume with the original data or start a new --out")
+    if main_process:
+        (out / "splits.json").write_text(json.dumps({"split_seed": args.split_seed} | collection.split_ids))
+    tokenizer_path = out / "tokenizer.json"
+    if checkpoint is None and main_process:
+        train_reports = np.unique(collection.report_index[collection.splits["train"]])
+        train_tokenizer([collection.reports[i].text for i in train_reports], args.vocab_size).save(
+            str(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path)
+    return collection, split_sha256, tokenizer, cache
+
+
+def usage(collection):
+    """'562 of 600 reports used (skipped: no_text 8, ...); 781 train / 121 val images', for the start of a run."""
+    summary = collection.summary
+    skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items() if n)
+    return (f"{summary['reports_used']} of {summary['reports']} reports used (skipped: {skipped or 'none'}); "
+            f"{len(collection.splits['train'])} train / {len(collection.splits['val'])} val images")
+
+
+def check_labels(collection, allow_missing, main_process):
+    """A label without a positive training image cannot be learnt: stop, unless told to go on."""
+    train_idx = collection.splits["train"]
+    missing = [name for k, name in enumerate(collection.label_names) if np.nansum(collection.labels[train_idx, k]) == 0]
+    if missing and not allow_missing:
+        raise DataError(f"no positive training image for {', '.join(missing)}: the model cannot learn "
+                             f"{'it' if len(missing) == 1 else 'them'}. Use more data, another --split-seed, drop the "
+                             f"label (--csv-labels), or pass --allow-missing-labels to train anyway")
+    if missing and main_process:
+        print(f"warning: no positive training image for {', '.join(missing)} (--allow-missing-labels)")
+
+
 JSON_SUMMARY_KEYS = ("reports", "reports_used", "images_used", "skipped", "labels", "splits",
                      "reports_without_positive_label", "ignored_uncertain", "sources")
 

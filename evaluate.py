@@ -15,7 +15,6 @@ the output says which. The `image` baseline is always evaluated at the prior mea
 """
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 import data
+from runtime import read_checkpoint
 from calibration import (calibration_report, fit_temperature, format_analysis, operating_points_report,
                          rejection_curve)
 from compare import Evaluated, cell, compare_runs, format_comparison
@@ -34,16 +34,6 @@ from pictures import PlotError, plot_curves, plot_latents, plot_reliability, plo
 from reports import LABELS, label_index
 
 # ------------------------------------------------------------------------------------------- inference
-
-def read_checkpoint(path, device="cpu"):
-    """The plain dict of a checkpoint written by train.py. torch.load(weights_only=True) unpickles tensors,
-    numbers, strings and containers only: a file that would run code (or is not a checkpoint) is refused."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise data.DataError(f"{path} was refused: not a whole checkpoint of plain tensors and numbers as train.py "
-                             f"writes them ({str(error).splitlines()[0]})") from error
-
 
 def load_checkpoint(path, device="cpu"):
     """A checkpoint written by train.py -> (model in eval mode, checkpoint dict). Never unpickles code."""

@@ -7,8 +7,8 @@ the model alone. A script, not a test (pytest does not collect it); timings neve
 Everything runs in one process. The variants are interleaved over --rounds rounds and compared round by round:
 each ratio is a median of per-round (paired) ratios with its min-max, and an A-vs-A pair (the same variant
 measured twice in a round) shows the noise floor. Measured here:
-  - loader images/s: the preprocessing cache (memory-mapped, read by train.streamed_batches; and preloaded
-    into device memory with augmentation, train.batches) against decoding full-size 8-bit PNGs and resizing
+  - loader images/s: the preprocessing cache (memory-mapped, read by batching.streamed_batches; and preloaded
+    into device memory with augmentation, batching.batches) against decoding full-size 8-bit PNGs and resizing
     them in a torch Dataset with DataLoader workers, as most chest X-ray code does every epoch;
   - training images/s of the model alone (random data already on the device, train.train_step) against end
     to end through the loop's own functions (epoch_order, batches, model_input, train_step, the schedule):
@@ -37,6 +37,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import batching  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from model import VKD, VKDConfig  # noqa: E402
 
@@ -121,10 +123,10 @@ def write_cache(folder, count, size, vocab_size, max_len, num_labels, seed=0):
 
 def timed(device, fn):
     """(seconds, result) of fn(), with the device's queue drained before and after."""
-    train.synchronize(device)
+    runtime.synchronize(device)
     start = time.perf_counter()
     result = fn()
-    train.synchronize(device)
+    runtime.synchronize(device)
     return time.perf_counter() - start, result
 
 
@@ -134,11 +136,11 @@ def png_loader(loader):
 
 def cached_loader(images, tokens, labels, order, args, augment):
     """Batches as train() gathers them, through model_input (uint8 -> normalised float, augmented or not)."""
-    source = train.batches if torch.is_tensor(images) else train.streamed_batches
+    source = batching.batches if torch.is_tensor(images) else batching.streamed_batches
     augment_rng = torch.Generator(device=args.device).manual_seed(0) if augment else None
     count = 0
     for _, (x, t, y) in zip(range(args.loader_batches), source(images, tokens, labels, order, args.batch_size)):
-        x = train.model_input(x, PIXEL_MEAN, PIXEL_STD, augment_rng, channels_last=args.channels_last)
+        x = batching.model_input(x, PIXEL_MEAN, PIXEL_STD, augment_rng, channels_last=args.channels_last)
         count += len(x)
     return count
 
@@ -154,12 +156,12 @@ def model_only(run, batch, steps):
 def end_to_end(run, images, tokens, labels, train_idx, epoch, args):
     """The body of train()'s loop over `steps` steps: shuffled batches from the cache, model_input with
     augmentation, train_step, the learning-rate schedule and the on-device loss sums, read once at the end."""
-    order = train.epoch_order(train_idx, 0, epoch, args.batch_size).to(args.device)
-    source = train.batches if torch.is_tensor(images) else train.streamed_batches
+    order = batching.epoch_order(train_idx, 0, epoch, args.batch_size).to(args.device)
+    source = batching.batches if torch.is_tensor(images) else batching.streamed_batches
     augment_rng = torch.Generator(device=args.device).manual_seed(epoch)
     sums = torch.zeros(4, device=args.device)
     for step, (x, t, y) in zip(range(args.steps), source(images, tokens, labels, order, args.batch_size)):
-        x = train.model_input(x, PIXEL_MEAN, PIXEL_STD, augment_rng, channels_last=args.channels_last)
+        x = batching.model_input(x, PIXEL_MEAN, PIXEL_STD, augment_rng, channels_last=args.channels_last)
         parts = train.train_step(run.model, run.model, run.optimizer, run.scaler, run.autocast, x, t, y, run.beta,
                                  run.step_args)
         for group in run.optimizer.param_groups:
@@ -257,18 +259,18 @@ def main():
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         run = setup_run(model, args)
-        images = train.place_images(cache, device)
+        images = batching.place_images(cache, device)
         args.steps, steps = 1, args.steps
         end_to_end(run, images, tokens, labels, train_idx, 0, args)
-        train.synchronize(device)
+        runtime.synchronize(device)
         time_to_first_step = time.perf_counter() - start
         args.steps = steps
         preloaded = torch.is_tensor(images)
-        resident = images if preloaded else train.place_images(cache, device, "yes")
+        resident = images if preloaded else batching.place_images(cache, device, "yes")
 
         loader = torch.utils.data.DataLoader(PNGDataset(paths, args.image_size), batch_size=4, shuffle=True,
                                              num_workers=args.workers, persistent_workers=args.workers > 0)
-        order = train.epoch_order(train_idx, 0, 0, args.batch_size).to(device)
+        order = batching.epoch_order(train_idx, 0, 0, args.batch_size).to(device)
         x = torch.randn(args.batch_size, 1, args.image_size, args.image_size, device=device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

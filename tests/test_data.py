@@ -699,7 +699,7 @@ def test_data_py_json_is_one_object_on_stdout_when_an_image_cannot_be_decoded(tm
 
 
 def test_normalise_is_bit_identical_to_the_training_and_evaluation_formulas():
-    """data.normalise replaces train.model_input's and evaluate.to_input's own lines: the same bits, with and
+    """data.normalise replaces the lines that train.model_input and evaluate.to_input had: the same bits, with and
     without augmentation (here any function of x in [0, 1])."""
     import torch
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8))   # (B, S, S)

@@ -15,6 +15,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+import batching
+import runtime
 import train
 from model import VKD, VKDConfig
 
@@ -46,19 +48,19 @@ def problem():
 def ddp_worker(rank, world_size, port, out_path):
     os.environ.update(LOOPBACK, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    rank, world_size, device = train.setup_distributed("cpu")
+    rank, world_size, device = runtime.setup_distributed("cpu")
     model, optimizer, images, tokens, labels, train_idx = problem()
     forward = DistributedDataParallel(model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(EPOCHS):
-        order = train.epoch_order(train_idx, SEED, epoch, GLOBAL_BATCH, rank, world_size)
+        order = batching.epoch_order(train_idx, SEED, epoch, GLOBAL_BATCH, rank, world_size)
         augment_rng = torch.Generator().manual_seed(epoch)
-        for x, t, y in train.batches(images, tokens, labels, order, GLOBAL_BATCH // world_size):
-            x = train.model_input(x, 0.5, 0.25, augment_rng, rank, world_size)
+        for x, t, y in batching.batches(images, tokens, labels, order, GLOBAL_BATCH // world_size):
+            x = batching.model_input(x, 0.5, 0.25, augment_rng, rank, world_size)
             train.train_step(model, forward, optimizer, scaler, nullcontext(), x, t, y, 0.0, STEP_ARGS)
     if rank == 0:
         torch.save(model.state_dict(), out_path)
-    train.finish_distributed(world_size)
+    runtime.finish_distributed(world_size)
     torch.distributed.destroy_process_group()
 
 
@@ -73,10 +75,10 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     steps = 0
     for epoch in range(EPOCHS):
-        order = train.epoch_order(train_idx, SEED, epoch, GLOBAL_BATCH)
+        order = batching.epoch_order(train_idx, SEED, epoch, GLOBAL_BATCH)
         augment_rng = torch.Generator().manual_seed(epoch)
-        for x, t, y in train.batches(images, tokens, labels, order, GLOBAL_BATCH):
-            x = train.model_input(x, 0.5, 0.25, augment_rng)
+        for x, t, y in batching.batches(images, tokens, labels, order, GLOBAL_BATCH):
+            x = batching.model_input(x, 0.5, 0.25, augment_rng)
             optimizer.zero_grad(set_to_none=True)
             for part in torch.arange(GLOBAL_BATCH).chunk(world_size):
                 (model(x[part], t[part], y[part])["loss"] / world_size).backward()
@@ -92,8 +94,8 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
 
 def test_rank_slices_cover_the_global_batches_once():
     train_idx = np.arange(100, 150)
-    whole = train.epoch_order(train_idx, 3, 1, 8)
-    parts = [train.epoch_order(train_idx, 3, 1, 8, rank, 4) for rank in range(4)]
+    whole = batching.epoch_order(train_idx, 3, 1, 8)
+    parts = [batching.epoch_order(train_idx, 3, 1, 8, rank, 4) for rank in range(4)]
     assert len(whole) == 48 and all(len(p) == 12 for p in parts)
     interleaved = torch.stack([p.view(6, 2) for p in parts], 1).reshape(-1)   # batch by batch, rank by rank
     assert torch.equal(interleaved, whole)

@@ -15,6 +15,7 @@ import evaluate
 import gradcam
 import image_cache
 import metrics
+from recipe import run_recipe
 import train
 from model import VKD, VKDConfig
 
@@ -34,7 +35,7 @@ def recipe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recipe")
     args = train.get_args(TINY + ["--method", "all", "--seeds", "0,1", "--data-dir", str(tmp / "data"),
                                   "--out", str(tmp / "runs")])
-    return tmp / "runs", train.run_recipe(args)
+    return tmp / "runs", run_recipe(args, train.train)
 
 
 def test_method_all_trains_every_method_and_seed_on_one_split_and_compares_them(recipe):

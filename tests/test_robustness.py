@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runtime
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def test_sigkill_in_the_middle_of_an_epoch_then_resume_gives_the_same_run(uninte
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    train.save_checkpoint(path, {"epoch": 1, "weights": torch.arange(4.0)})
+    runtime.save_checkpoint(path, {"epoch": 1, "weights": torch.arange(4.0)})
 
     def crash_half_way(obj, file):
         with open(file, "wb") as handle:
@@ -80,7 +81,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
 
     monkeypatch.setattr(train.torch, "save", crash_half_way)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(4)})
+        runtime.save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(4)})
     monkeypatch.undo()
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["epoch"] == 1 and torch.equal(checkpoint["weights"], torch.arange(4.0))
@@ -133,7 +134,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(uninte
         return real_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args)
 
     monkeypatch.setattr(train, "train_step", nan_from_epoch_two)
-    with pytest.raises(train.TrainingStopped, match=rf"non-finite loss or gradients in {steps} of {steps} steps of "
+    with pytest.raises(runtime.TrainingStopped, match=rf"non-finite loss or gradients in {steps} of {steps} steps of "
                                                     r"epoch 2; stopped without saving them \(.*last.pt keeps epoch 1\)"):
         train.train(train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(out)]))
     checkpoint = torch.load(out / "last.pt", weights_only=True)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import batching
+import runtime
 import train
 from model import VKD, VKDConfig
 
@@ -35,41 +37,41 @@ def test_beta_schedule_anneals_from_zero():
 
 def test_augment_keeps_shape_and_is_reproducible():
     x = torch.rand(4, 1, 16, 16)
-    a = train.augment(x, torch.Generator().manual_seed(0))
-    b = train.augment(x, torch.Generator().manual_seed(0))
+    a = batching.augment(x, torch.Generator().manual_seed(0))
+    b = batching.augment(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
 
 
 def test_augment_of_a_rank_slice_is_that_slice_of_the_global_batch_augmented():
     x = torch.rand(8, 1, 16, 16)
-    whole = train.augment(x, torch.Generator().manual_seed(0))
-    parts = [train.augment(x[4 * r:4 * (r + 1)], torch.Generator().manual_seed(0), r, 2) for r in range(2)]
+    whole = batching.augment(x, torch.Generator().manual_seed(0))
+    parts = [batching.augment(x[4 * r:4 * (r + 1)], torch.Generator().manual_seed(0), r, 2) for r in range(2)]
     torch.testing.assert_close(torch.cat(parts), whole)
     assert not torch.equal(parts[0], parts[1])
 
 
 def test_shuffling_and_augmentation_draw_from_separate_streams():
-    seeds = {(seed, epoch, stream): train.epoch_generator(seed, epoch, stream).initial_seed()
-             for seed in range(3) for epoch in range(100) for stream in (train.SHUFFLE, train.AUGMENT)}
+    seeds = {(seed, epoch, stream): batching.epoch_generator(seed, epoch, stream).initial_seed()
+             for seed in range(3) for epoch in range(100) for stream in (batching.SHUFFLE, batching.AUGMENT)}
     assert len(set(seeds.values())) == len(seeds)                    # no two streams, epochs or seeds coincide
-    shuffle, augment = (train.epoch_generator(0, 1, stream) for stream in (train.SHUFFLE, train.AUGMENT))
+    shuffle, augment = (batching.epoch_generator(0, 1, stream) for stream in (batching.SHUFFLE, batching.AUGMENT))
     assert not torch.equal(torch.rand(8, generator=shuffle), torch.rand(8, generator=augment))
     train_idx = np.arange(10, 50)
-    expected = torch.from_numpy(train_idx)[torch.randperm(40, generator=train.epoch_generator(0, 1, train.SHUFFLE))]
-    assert torch.equal(train.epoch_order(train_idx, 0, 1, 8), expected)
+    expected = torch.from_numpy(train_idx)[torch.randperm(40, generator=batching.epoch_generator(0, 1, batching.SHUFFLE))]
+    assert torch.equal(batching.epoch_order(train_idx, 0, 1, 8), expected)
 
 
 def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
     """`text` never reads the prior head: under DDP its parameters would wait for gradients that never come."""
-    x, t, y = torch.randn(2, 1, 32, 32), torch.randint(1, 50, (2, 6)), torch.ones(2, 3)
-    step_args = train.get_args(["--latent-samples", "1"])
+    t, y = torch.randint(1, 50, (2, 6)), torch.ones(2, 3)
+    step_args = train.get_args(["--latent-samples", "1", "--image-size", "32"])
     for method, expected in (("vkd", []), ("image", []), ("text", ["prior.net.0.weight", "prior.net.0.bias",
                                                                     "prior.net.2.weight", "prior.net.2.bias"])):
         torch.manual_seed(0)
         model = VKD(VKDConfig(method=method, num_labels=3, cnn_width=4, latent_dim=8, vocab_size=50, text_dim=16))
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         rng = torch.get_rng_state()
-        assert train.freeze_unreached(model, x, t, y, step_args) == expected, method
+        assert runtime.freeze_unreached(model, t, y, step_args) == expected, method
         assert [name for name, p in model.named_parameters() if not p.requires_grad] == expected
         assert torch.equal(torch.get_rng_state(), rng) and model.training                # the run's draws unchanged
         assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())  # BatchNorm statistics too
@@ -78,30 +80,30 @@ def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
 
 def test_each_process_gets_its_own_saved_state_back():
     states = [{"torch": torch.tensor([rank])} for rank in range(2)]
-    assert train.own_part(states, 1, 2) is states[1]
-    assert train.own_part(states[0], 0, 1) is states[0]              # one process's checkpoint, older format
+    assert runtime.own_part(states, 1, 2) is states[1]
+    assert runtime.own_part(states[0], 0, 1) is states[0]              # one process's checkpoint, older format
     with pytest.raises(train.data.DataError, match=r"written by 2 process\(es\): resume it with as many"):
-        train.own_part(states, 0, 1)
+        runtime.own_part(states, 0, 1)
 
 
 def test_streamed_batches_equal_preloaded_batches():
     cache = np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)     # stands in for the memmap
     tokens, labels = torch.arange(40 * 3).view(40, 3), torch.rand(40, 2)
-    order = train.epoch_order(np.arange(5, 40), 0, 0, 8)
-    preloaded = list(train.batches(train.place_images(cache, torch.device("cpu"), "yes"), tokens, labels, order, 8))
+    order = batching.epoch_order(np.arange(5, 40), 0, 0, 8)
+    preloaded = list(batching.batches(batching.place_images(cache, torch.device("cpu"), "yes"), tokens, labels, order, 8))
     streamed = [tuple(part.clone() for part in batch)            # the staging buffers are reused after a step
-                for batch in train.streamed_batches(cache, tokens, labels, order, 8)]
+                for batch in batching.streamed_batches(cache, tokens, labels, order, 8)]
     assert len(preloaded) == len(streamed) == 4
     for a, b in zip(preloaded, streamed):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert train.place_images(cache, torch.device("cpu"), "no") is cache
+    assert batching.place_images(cache, torch.device("cpu"), "no") is cache
 
 
 def test_pixel_statistics_chunked_agrees_with_one_pass():
     cache = np.random.default_rng(0).integers(0, 256, (30, 16, 16), dtype=np.uint8)
     indices = np.arange(3, 30, 2)
-    one_pass = train.pixel_statistics(cache, indices)
-    chunked = train.pixel_statistics(cache, indices, chunk=4, one_pass_bytes=0)
+    one_pass = batching.pixel_statistics(cache, indices)
+    chunked = batching.pixel_statistics(cache, indices, chunk=4, one_pass_bytes=0)
     pixels = cache[indices].astype(np.float64) / 255
     assert one_pass == pytest.approx((pixels.mean(), pixels.std()), rel=1e-6)
     assert chunked == pytest.approx((pixels.mean(), pixels.std()), rel=1e-9)

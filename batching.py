@@ -1,0 +1,163 @@
+"""The device-side data path of train.py: where the images live, the order of an epoch, batches, augmentation.
+
+Every image was decoded once into a uint8 cache (image_cache.py). Here that cache is copied to the device once
+(or, when it does not fit, streamed from the memory-mapped file through pinned buffers), each epoch's order is
+one seeded permutation cut into global batches, and uint8 -> float, augmentation and normalisation run on the
+device. No DataLoader workers and no per-step host sync. A student can skip this file.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+
+# ------------------------------------------------------------------------------------------- the images
+
+def pixel_statistics(cache, indices, chunk=1024, one_pass_bytes=2**30):
+    """Mean and std of the training images' pixels in [0, 1], for normalisation.
+
+    One float32 pass when those pixels take at most 1 GiB as floats (the demo, OpenI); otherwise float64 sums
+    over chunks of images, so that a cache larger than memory (MIMIC-CXR) is never copied whole."""
+    count = len(indices) * cache[0].size
+    if count * 4 <= one_pass_bytes:
+        pixels = cache[indices].astype(np.float32) / 255.0
+        return float(pixels.mean()), float(pixels.std())
+    total = total_squares = 0.0
+    for start in tqdm(range(0, len(indices), chunk), desc="pixel statistics", unit="chunk", leave=False):
+        block = cache[np.sort(indices[start:start + chunk])].astype(np.float64) / 255.0
+        total, total_squares = total + block.sum(), total_squares + np.square(block).sum()
+    mean = total / count
+    return mean, math.sqrt(max(total_squares / count - mean**2, 0.0))
+
+
+def free_memory(device):
+    """Bytes free on the device: CUDA's own count, or the host's free physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def place_images(cache, device, preload="auto", chunk=4096):
+    """Where batches are gathered from: the whole uint8 cache copied once to `device`, so that gathering,
+    uint8->float, normalisation and augmentation all run there with no transfer per step; or, when it does
+    not fit, the memory-mapped cache itself, read batch by batch (streamed_batches).
+
+    preload: yes, no, or auto = yes when the cache takes at most half of the device's free memory (the other
+    half is left for the model). Copied in chunks, so a large cache never needs a second full copy in RAM."""
+    if preload == "auto":
+        preload = "yes" if cache.nbytes <= free_memory(device) // 2 else "no"
+    if preload == "no":
+        return cache
+    images = torch.empty(cache.shape, dtype=torch.uint8, device=device)                       # (N, S, S)
+    for start in tqdm(range(0, len(cache), chunk), desc=f"image cache to {device}", unit="chunk", leave=False):
+        images[start:start + chunk] = torch.from_numpy(np.array(cache[start:start + chunk]))
+    return images
+
+
+def on_device(collection, tokenizer, cache, args, device, main_process=True):
+    """The collection ready for training: images (N, S, S) uint8 (on the device, or the memory-mapped cache:
+    place_images), report tokens (N, T) and labels (N, K), NaN = not observed. Warns when reports are cut."""
+    images = place_images(cache, device, args.preload)
+    tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len)).to(device)
+    labels = torch.from_numpy(collection.labels).to(device)
+    truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
+    if truncated > 0.05 and main_process:
+        print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
+    return images, tokens, labels
+
+
+# --------------------------------------------------------------------------------------- an epoch's order
+
+SHUFFLE, AUGMENT = 0, 1                              # the random streams of an epoch, drawn the same in every process
+
+
+def epoch_generator(seed, epoch, stream, device="cpu"):
+    """A torch generator for one stream (SHUFFLE or AUGMENT) of one epoch. numpy's SeedSequence hashes
+    (seed, epoch, stream) into the seed, so that shuffling and augmentation never draw the same numbers and no
+    (seed, epoch) pair repeats another's; a resumed run recreates them exactly."""
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1):
+    """This process's training samples for one epoch, (steps * batch_size / world_size,).
+
+    One permutation (the SHUFFLE stream of (seed, epoch)), the same in every process, is cut into global
+    batches of batch_size (the incomplete last one dropped: static shapes); each process takes its contiguous
+    1/world_size of every global batch, so N processes see exactly the batches one would."""
+    shuffle = epoch_generator(seed, epoch, SHUFFLE)
+    order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)]
+    steps = len(order) // batch_size
+    return order[:steps * batch_size].view(steps, world_size, -1)[:, rank].reshape(-1)
+
+
+def batches(images, tokens, labels, order, batch_size):
+    """(x (B, S, S) uint8, t (B, T), y (B, K)) for each batch of `order`, gathered by indexing whole batches out
+    of tensors already on the device: no workers, no copies, no host sync."""
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        yield images[idx], tokens[idx], labels[idx]
+
+
+def streamed_batches(cache, tokens, labels, order, batch_size):
+    """As `batches`, for a memory-mapped cache that was not preloaded (larger than half the free memory).
+
+    The images of batch i+1 are read into one of two staging buffers and, on CUDA, their copy from pinned
+    memory to the GPU is started (non_blocking) before batch i is handed out, so that reading the file overlaps
+    the GPU's work on the steps already queued. A buffer is refilled only after its previous copy has finished
+    (a CUDA event). On a CPU the buffer is the batch: the uint8 images yielded are valid for one step."""
+    device, num_batches = tokens.device, len(order) // batch_size
+    order_cpu = order.cpu().numpy()
+    pinned = device.type == "cuda"
+    buffers = [torch.empty((batch_size, *cache.shape[1:]), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+    copied = [None, None]
+
+    def start_copy(i):
+        buffer = buffers[i % 2]
+        if copied[i % 2] is not None:                  # its copy of batch i-2 must be done before we overwrite it
+            copied[i % 2].synchronize()
+        buffer.numpy()[:] = cache[order_cpu[i * batch_size:(i + 1) * batch_size]]
+        x = buffer.to(device, non_blocking=True)
+        if pinned:
+            copied[i % 2] = torch.cuda.Event()
+            copied[i % 2].record()
+        return x
+
+    x_next = start_copy(0) if num_batches else None
+    for i in range(num_batches):
+        x = x_next
+        if i + 1 < num_batches:
+            x_next = start_copy(i + 1)
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        yield x, tokens[idx], labels[idx]
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+
+def augment(x, generator, rank=0, world_size=1):
+    """Random affine per image (rotation +-5 deg, scale +-5%, shift +-3%), one grid_sample for the batch.
+    No horizontal flips: the heart is on the patient's left, a flip makes an anatomically impossible image.
+
+    Every process draws the parameters of the whole global batch and keeps its own part, so N processes
+    augment exactly as one process with the global batch would."""
+    B = x.shape[0]
+    r = torch.rand(B * world_size, 4, generator=generator, device=x.device)[rank * B:(rank + 1) * B] * 2 - 1
+    angle, scale, shift = r[:, 0] * math.radians(5), 1 + r[:, 1] * 0.05, r[:, 2:] * 0.03
+    theta = torch.stack([torch.stack([scale * torch.cos(angle), -scale * torch.sin(angle), shift[:, 0]], 1),
+                         torch.stack([scale * torch.sin(angle), scale * torch.cos(angle), shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)                  # (B, H, W, 2)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def model_input(x, pixel_mean, pixel_std, augment_rng=None, rank=0, world_size=1, channels_last=False):
+    """uint8 images (B, S, S) -> normalised float (B, 1, S, S), augmented when a generator is given."""
+    augmented = None if augment_rng is None else (lambda x: augment(x, augment_rng, rank, world_size))
+    x = data.normalise(x, pixel_mean, pixel_std, augmented)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

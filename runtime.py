@@ -1,0 +1,279 @@
+"""Runtime helpers for train.py: processes, random states, checkpoints on disk, interruption, the record of
+the machine. A student can skip this file: train.py calls each of these in one line.
+
+    setup_distributed / finish_distributed   one code path for 1 or N processes (torchrun, DDP)
+    rng_states / gather_to_main / own_part   every process's random state, saved and restored exactly
+    save_checkpoint                          atomic write: a crash never leaves half a checkpoint
+    freeze_unreached                         parameters a method never trains, which DDP must not wait for
+    StopRequest, test_signal                 Ctrl-C: stop at an exact step, all processes together
+    check_finite                             stop before a non-finite update is saved
+    environment                              what a rerun needs to give the same numbers
+"""
+import argparse
+import atexit
+import os
+import pickle
+import platform
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from reports import DataError
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+def setup_distributed(device_name):
+    """-> (rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join the process
+    group, NCCL on GPUs and gloo on CPUs, one GPU per process; a plain `python train.py` is rank 0 of 1 and
+    runs the same code with no process group.
+
+    The group is created once per process and destroyed when the process exits, because one process may train
+    several runs (--method all, --seeds); each run ends at a barrier (finish_distributed)."""
+    if "RANK" not in os.environ:
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        return 0, 1, torch.device(auto if device_name == "auto" else device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_gpus = torch.cuda.is_available() and device_name != "cpu"
+    device = torch.device(f"cuda:{local_rank}" if on_gpus else "cpu")
+    if on_gpus:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpus else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def finish_distributed(world_size):
+    """Every process waits here for rank 0 (still evaluating and saving) before the run is over."""
+    if world_size > 1:
+        dist.barrier()
+
+
+def gather_to_main(value, world_size):
+    """[value of process 0, value of process 1, ...]: what each process must get back on --resume (its RNG
+    states, its loss sums), collected for process 0 to save. One small collective, at a checkpoint only."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def synchronize(device):
+    """Wait for the device's queued work; used only where a time is read, never inside the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------- random states, checkpoints
+
+def rng_states(device):
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def own_part(saved, rank, world_size):
+    """This process's entry of a per-process list that a checkpoint holds (gather_to_main); a lone value is
+    a checkpoint of one process written before such lists existed."""
+    saved = saved if isinstance(saved, list) else [saved]
+    if len(saved) != world_size:
+        raise DataError(f"the checkpoint was written by {len(saved)} process(es): resume it with as many "
+                             f"(torchrun --nproc_per_node {len(saved)}), so that each continues its own random draws")
+    return saved[rank]
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def resume_command(out, world_size):
+    """A run continues with as many processes as it had (each resumes its own random draws)."""
+    launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node {world_size}"
+    return f"{launcher} train.py --out {out} --resume"
+
+
+def read_checkpoint(path, device="cpu"):
+    """The plain dict of a checkpoint written by train.py. torch.load(weights_only=True) unpickles tensors,
+    numbers, strings and containers only: a file that would run code (or is not a checkpoint) is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise DataError(f"{path} was refused: not a whole checkpoint of plain tensors and numbers as train.py "
+                             f"writes them ({str(error).splitlines()[0]})") from error
+
+
+def resume_args(args):
+    """For --resume: the run's saved config (with --epochs/--stop-after of this command) and its last.pt."""
+    last = Path(args.out) / "last.pt"
+    if not last.exists():
+        raise DataError(f"--resume: {last} does not exist; pass the --out of the run to continue")
+    checkpoint = read_checkpoint(last)
+    saved = argparse.Namespace(**checkpoint["config"])
+    saved.epochs = args.epochs or saved.epochs
+    saved.stop_after, saved.resume = args.stop_after, True
+    print(f"resuming {last} at epoch {checkpoint['epoch'] + 2}/{saved.epochs} with its saved config")
+    return saved, checkpoint
+
+
+def open_log(out, keep_epochs):
+    """log.jsonl; a resumed run keeps the lines of the epochs its checkpoint has seen."""
+    kept = (out / "log.jsonl").read_text().splitlines()[:keep_epochs] if keep_epochs else []
+    log = open(out / "log.jsonl", "w")
+    log.writelines(line + "\n" for line in kept)
+    return log
+
+
+# ------------------------------------------------------------------------------------- what is trained
+
+def freeze_unreached(model, t, y, args):
+    """Parameters that the method's loss never reaches get requires_grad=False; returns their names.
+
+    `text` trains the posterior path only, so the prior head p(z|x) gets no gradient. DDP waits for a gradient
+    of every parameter that requires one and fails at the second step ("Expected to have finished reduction in
+    the prior iteration"); its find_unused_parameters=True would search the graph after every step instead.
+    Found once by one probe backward in eval mode (BatchNorm statistics untouched) with the RNG restored
+    afterwards (the run's draws unchanged). AdamW skipped these parameters already (no gradient), so one
+    process trains exactly as before, and DDP now leaves them out."""
+    x = torch.zeros(len(t), 1, args.image_size, args.image_size, device=t.device)    # any image: the same graph
+    model.eval()
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        loss = model(x, t, y, 1.0, args.prior_weight, args.latent_samples)["loss"]
+        names, parameters = zip(*model.named_parameters())
+        gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+    model.train()
+    unreached = [name for name, gradient in zip(names, gradients) if gradient is None]
+    for name in unreached:
+        model.get_parameter(name).requires_grad_(False)
+    return unreached
+
+
+# ------------------------------------------------------------------------------- interruption and failure
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training: the step in flight finishes, last.pt is written at that exact step, and
+    the run exits; a second Ctrl-C stops at once. One process checks its flag between steps as a plain Python
+    flag (no device sync). Under torchrun (which passes the Ctrl-C on to every process) see `agreed`."""
+
+    def __init__(self, world_size, log_every, device, rank=0):
+        self.world_size, self.log_every, self.device = world_size, log_every, device
+        self.signal_at = test_signal(rank, world_size)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        when = "this step" if self.world_size == 1 else "up to --log-every steps (all processes stop together)"
+        tqdm.write(f"Ctrl-C: finishing {when}, then saving last.pt (Ctrl-C again to quit without saving)")
+
+    def agreed(self, steps_done, steps_per_epoch, step):
+        """Whether every process stops after this step (`steps_done` of this epoch, global `step`). The signal
+        reaches the processes at different steps, and one that stops while another starts the next step hangs
+        both in a collective; so they agree with an all-reduce (max) of their flags, only at the steps where the
+        loop syncs the host anyway: every --log-every steps and the epoch's last step. One process reads its own
+        flag after every step."""
+        if self.signal_at is not None and step == self.signal_at[0]:      # tests only: see test_signal
+            signal.raise_signal(self.signal_at[1])                         # the handler runs before this returns
+        if self.world_size == 1:
+            return self.requested
+        if steps_done != steps_per_epoch and not (self.log_every and steps_done % self.log_every == 0):
+            return False
+        flag = torch.tensor(float(self.requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def __exit__(self, *exception):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def test_signal(rank, world_size):
+    """For the tests only: VKD_TEST_SIGNAL_AT_STEP=N:NAME (e.g. 12:SIGINT) makes the last process send itself
+    that signal after global step N, so that an interruption lands at a known step however busy the machine,
+    through the real handler. -> (step, signal) in that process, else None."""
+    spec = os.environ.get("VKD_TEST_SIGNAL_AT_STEP")
+    if spec is None or rank != world_size - 1:
+        return None
+    step, name = spec.split(":")
+    return int(step), signal.Signals[name]
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (non-finite losses); the message says which checkpoint is kept and what to try."""
+
+
+def check_finite(bad_steps, steps, epoch, amp, out, saved_epoch):
+    """Non-finite loss or gradients. With fp16 the GradScaler already skipped those steps (and lowered its
+    scale): they are only counted, unless they are most of the epoch. Otherwise the update has reached the
+    weights, so the run stops here, before anything is saved, and the last good checkpoint stays as it is."""
+    if bad_steps == 0 or (amp == "fp16" and bad_steps <= steps // 2):
+        return
+    kept = (f"{out}/last.pt keeps epoch {saved_epoch + 1}" if saved_epoch is not None
+            else "no checkpoint had been written yet")
+    raise TrainingStopped(f"non-finite loss or gradients in {bad_steps} of {steps} steps of epoch {epoch + 1}; stopped "
+                          f"without saving them ({kept}). Try a lower --lr, --amp bf16 or off, and check the inputs")
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    except OSError:
+        return ""
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """What a reader needs to rerun this: the code (commit, and whether it had uncommitted changes), the
+    library versions and the hardware."""
+    import PIL
+    import tokenizers
+    import torchvision
+    return {"git_commit": git("rev-parse", "HEAD").strip() or None,
+            "git_uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cpu": cpu_name()} | numerics()
+
+
+def numerics():
+    """What else decides the exact floating-point results of the same command: the threads (a sum split
+    over more threads is added in another order), the torch build and the kernels it picks (CPU vector
+    instructions, CUDA/cuDNN versions), and the determinism settings."""
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "torch_git_version": torch.version.git_version, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
