@@ -25,7 +25,9 @@ def get_args(argv=None, presets=None, description=None):
     add("--latent-dim", type=int, default=MODEL.latent_dim, help=f"size of z (default: {MODEL.latent_dim})")
     add("--backbone", default=MODEL.backbone, choices=["cnn", "resnet18", "densenet121"],
         help=f"image encoder (default: {MODEL.backbone})")
-    add("--backbone-weights", default=None, help="local torchvision state_dict for the backbone (default: none)")
+    add("--backbone-weights", default=None,
+        help="imagenet (torchvision's ImageNet weights, downloaded once into torch.hub.get_dir()/checkpoints) or a "
+             "local torchvision state_dict file, for --backbone resnet18/densenet121 (default: none, random init)")
     add("--cnn-width", type=int, default=MODEL.cnn_width,
         help=f"channels of the compact CNN's first stage (default: {MODEL.cnn_width})")
     add("--vocab-size", type=int, default=MODEL.vocab_size, help=f"tokenizer vocabulary (default: {MODEL.vocab_size})")
