@@ -11,9 +11,8 @@ from model import METHODS, VKDConfig
 MODEL = VKDConfig()            # the model's defaults, defined once (model.py)
 
 
-def get_args(argv=None, presets=None, description=None):
-    """The options of train.py; `presets` (train.PRESETS) are named sets of defaults, --preset NAME picks one."""
-    presets = presets or {}
+def build_parser(presets, description=None):
+    """The options of train.py, grouped; `presets` (train.PRESETS) are named sets of defaults (--preset NAME)."""
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument_group("method").add_argument
     add("--method", default="vkd", choices=[*METHODS, "all"],
@@ -70,11 +69,28 @@ def get_args(argv=None, presets=None, description=None):
     add("--allow-missing-labels", action="store_true",
         help="train even when a label has no positive training image (its AUROC is then meaningless) (default: stop)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples for test intervals (default: 1000)")
+    return parser
+
+
+def get_args(argv=None, presets=None, description=None):
+    """Parse the command line; a --preset's values become the defaults, so that explicit flags still win."""
+    presets = presets or {}
+    parser = build_parser(presets, description)
     args = parser.parse_args(argv)
-    if args.preset:                                   # the preset's values become the defaults, then parse again
+    if args.preset:
         parser.set_defaults(**presets[args.preset])
         args = parser.parse_args(argv)
     if args.method != "all" and args.seeds is None:
-        name = args.data + (f"-{args.preset}" if args.preset else "")
-        args.out = args.out or f"runs/{name}-{args.method}-seed{args.seed}"
+        args.out = args.out or f"runs/{run_name(args, args.method, args.seed)}"
     return args
+
+
+def collection_name(args):
+    """<data>[-<preset>], e.g. demo-tiny: what run folders and comparisons are named after."""
+    preset = getattr(args, "preset", None)                   # configs saved before presets existed have none
+    return f"{args.data}-{preset}" if preset else args.data
+
+
+def run_name(args, method, seed):
+    """The folder name of one run, e.g. demo-tiny-vkd-seed0."""
+    return f"{collection_name(args)}-{method}-seed{seed}"

@@ -10,13 +10,15 @@ import torch
 
 import evaluate
 from compare import format_comparison
+from options import collection_name, run_name
 from reports import DataError
 
 
 def run_recipe(args, train):
     """--method all and/or --seeds: train each method for each seed on the same split (--split-seed), each in
-    <out>/<data>-<method>-seed<seed>, then compare them on the test split with evaluate.py (the image baseline
-    first, so that every difference reads 'method - image'). Writes <out>/<data>-comparison.json.
+    <out>/<data>[-<preset>]-<method>-seed<seed>, then compare them on the test split with evaluate.py (the image
+    baseline first, so that every difference reads 'method - image'). Writes
+    <out>/<data>[-<preset>]-comparison.json.
 
     `train` is train.train, passed in so that this file does not import train.py (train.py calls this)."""
     if args.resume:
@@ -27,7 +29,7 @@ def run_recipe(args, train):
     checkpoints, other_process = [], int(os.environ.get("RANK", "0")) > 0
     for seed in seeds:
         for method in methods:
-            out = root / f"{args.data}-{method}-seed{seed}"
+            out = root / run_name(args, method, seed)
             if not other_process:
                 print(f"\n=== {method}, seed {seed} -> {out}")
             metrics = train(argparse.Namespace(**vars(args) | {"method": method, "seed": seed, "out": str(out)}))
@@ -38,7 +40,7 @@ def run_recipe(args, train):
         return None                                           # under torchrun, process 0 compares
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     result, _ = evaluate.compare_checkpoints(checkpoints, device, num_resamples=args.bootstrap, seed=0)
-    (root / f"{args.data}-comparison.json").write_text(json.dumps(result, indent=1))
+    (root / f"{collection_name(args)}-comparison.json").write_text(json.dumps(result, indent=1))
     print(f"\n{len(methods)} method(s) x {len(seeds)} seed(s) on {args.data}, split seed {args.split_seed}\n")
     print(format_comparison(result))
     return result

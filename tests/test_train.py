@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import batching
+import options
 import runtime
 import train
 from model import VKD, VKDConfig
@@ -241,3 +242,35 @@ def test_a_report_lost_to_undecodable_images_leaves_the_split_the_run_saves(tmp_
     result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json", "--bootstrap",
                              "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_preset_sets_defaults_that_explicit_flags_override():
+    """--preset tiny is a plain dict of defaults (train.PRESETS); a flag on the command line wins, and the run
+    folder (and a recipe's) carries the preset's name so that it never mixes with a full run's."""
+    args = train.get_args(["--preset", "tiny"])
+    assert all(getattr(args, name) == value for name, value in train.PRESETS["tiny"].items())
+    assert args.out == "runs/demo-tiny-vkd-seed0"
+    args = train.get_args(["--preset", "tiny", "--epochs", "2", "--image-size", "48", "--method", "image"])
+    assert (args.epochs, args.image_size, args.demo_reports) == (2, 48, train.PRESETS["tiny"]["demo_reports"])
+    assert args.out == "runs/demo-tiny-image-seed0"
+    plain = train.get_args([])
+    assert (plain.image_size, plain.demo_reports, plain.epochs, plain.out) == (128, 1500, None, "runs/demo-vkd-seed0")
+
+
+def test_model_options_default_to_the_model_config():
+    """The model's defaults are defined once, in VKDConfig; the command line takes them from there."""
+    args, config = train.get_args([]), VKDConfig()
+    for name in ("latent_dim", "backbone", "cnn_width", "vocab_size", "max_len", "text_dim", "text_layers", "dropout"):
+        assert getattr(args, name) == getattr(config, name), name
+
+
+def test_help_groups_every_option_and_shows_its_default(capsys):
+    parser = options.build_parser(train.PRESETS)
+    titles = [group.title for group in parser._action_groups if group._group_actions]
+    assert titles[-5:] == ["method", "optimisation", "data", "speed", "run management"]
+    flags = [action for action in parser._actions if action.option_strings != ["-h", "--help"]]
+    assert len(flags) > 40
+    assert [action.option_strings[0] for action in flags if "(default:" not in action.help] == []
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    assert "run management:" in capsys.readouterr().out
