@@ -3,7 +3,9 @@ the machine. A student can skip this file: train.py calls each of these in one l
 
     setup_distributed / finish_distributed   one code path for 1 or N processes (torchrun, DDP)
     rng_states / gather_to_main / own_part   every process's random state, saved and restored exactly
-    save_checkpoint                          atomic write: a crash never leaves half a checkpoint
+    save_checkpoint, read_checkpoint         atomic write (a crash never leaves half a checkpoint); a read that
+                                             never runs code (torch.load(weights_only=True))
+    resume_args, open_log                    --resume: the run's saved options and its log so far
     freeze_unreached                         parameters a method never trains, which DDP must not wait for
     StopRequest, test_signal                 Ctrl-C: stop at an exact step, all processes together
     check_finite                             stop before a non-finite update is saved
