@@ -187,3 +187,31 @@ def test_bag_of_words_learns_a_separable_toy_problem():
     assert auroc_summary(test_labels, predict(test_tokens))["macro"] == 1.0
     shuffled = fit_bag_of_words(tokens, labels[np.random.default_rng(2).permutation(200)], 50)
     assert auroc_summary(test_labels, shuffled(test_tokens))["macro"] < 0.8     # nothing to learn: chance
+
+
+def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import TINY
+    cut = TINY.index("--max-len")
+    argv = TINY[:cut] + TINY[cut + 2:] + [
+        "--method", "text", "--text-pooling", "attention", "--pos-weight", "sqrt", "--epochs", "1",
+        "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    args = train.get_args(argv)
+    args.max_len = None                                          # derived, as for --data openi
+    train.train(args)
+    run = tmp_path / "run"
+    tokenizer = data.load_tokenizer(run / "tokenizer.json")
+    collection = data.prepare_from(json.loads((run / "run.json").read_text())["config"])
+    texts = [collection.reports[i].text for i in np.unique(collection.report_index[collection.splits["train"]])]
+    derived = data.length_limit(tokenizer, texts)
+    assert json.loads((run / "run.json").read_text())["config"]["max_len"] == derived
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["model_config"]["max_len"] == derived and checkpoint["model_config"]["text_pooling"] == "attention"
+    result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json", "--bow",
+                             "--bootstrap", "20"], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                            text=True, check=True)
+    assert 0.5 < json.loads(result.stdout)["bag_of_words"]["macro_auroc"] <= 1
