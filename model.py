@@ -241,6 +241,7 @@ class VKD(nn.Module):
                that is used at test time directly: in eq. 1 the classifier only ever sees posterior samples.
         image: loss = BCE(f(mu_p(x)))
         text:  loss = BCE(f(z_q)),  z_q ~ q(z|x,t)
+        Every BCE weighs the term of a positive label by self.pos_weight (positive_weights; 1 by default).
         """
         method = self.cfg.method
         h_x, mu_p, logvar_p = self.encode_prior(x)
