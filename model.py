@@ -131,7 +131,8 @@ class TextEncoder(nn.Module):
 class AttentionPooling(nn.Module):
     """Token features (B, T, C) -> one report feature (B, C), by H learned queries:
 
-        a_hi = softmax_i(w_h . h_i) over the non-padding tokens i,   r = W [sum_i a_1i h_i, ..., sum_i a_Hi h_i]
+        a_h(i) = softmax_i(w_h . h_i)  over the non-padding tokens i, for each of the H queries w_h
+        r      = W [sum_i a_1(i) h_i, ..., sum_i a_H(i) h_i]
 
     Why not the mean: a report is mostly normal findings, and the mean gives a one-word finding ("pneumothorax")
     a weight of 1/T in a long report; a query can put most of its weight on it. Padding gets a weight of zero.
