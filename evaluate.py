@@ -291,8 +291,8 @@ def single_run(args):
     model, checkpoint = load_checkpoint(args.ckpt, args.device)
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
     label_names = checkpoint.get("label_names", LABELS)
-    images, tokens, labels, groups, unit, splits = load_collection(checkpoint, args.ckpt, data_options(args),
-                                                                   with_text=args.bow or args.plots and method != "image")
+    with_text = args.bow or args.plots and method != "image"
+    images, tokens, labels, groups, unit, splits = load_collection(checkpoint, args.ckpt, data_options(args), with_text)
     test_idx, val_idx = splits[args.split], splits["val"]
     y, y_val = labels[test_idx], labels[val_idx]
     p, _ = predict(model, images, tokens, test_idx, config, args.device, num_samples=args.samples)

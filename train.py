@@ -133,7 +133,8 @@ def setup(args, start_time):
         raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
     model_config = options.model_config(args, len(collection.label_names), tokenizer.get_vocab_size())
     pos_weight = positive_weights(collection.labels[train_idx], getattr(args, "pos_weight", "none"))
-    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch, pos_weight)
+    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch,
+                                                            pos_weight)
     run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size, device=device, amp=amp,
               collection=collection, split_sha256=split_sha256, images=images, tokens=tokens, labels=labels,
               model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast, betas=betas,

@@ -210,7 +210,8 @@ def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_
     derived = data.length_limit(tokenizer, texts)
     assert json.loads((run / "run.json").read_text())["config"]["max_len"] == derived
     checkpoint = torch.load(run / "best.pt", weights_only=True)
-    assert checkpoint["model_config"]["max_len"] == derived and checkpoint["model_config"]["text_pooling"] == "attention"
+    assert checkpoint["model_config"]["max_len"] == derived
+    assert checkpoint["model_config"]["text_pooling"] == "attention"
     result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json", "--bow",
                              "--bootstrap", "20"], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                             text=True, check=True)
