@@ -250,6 +250,13 @@ def train_tokenizer(texts, vocab_size):
     return tokenizer
 
 
+def length_limit(tokenizer, texts, coverage=0.99, multiple=16, cap=256):
+    """The report length (tokens) that covers `coverage` of the given (training) reports, rounded up to a
+    multiple of 16 and at most `cap`: long enough for nearly every report, short enough for attention's T^2."""
+    lengths = [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
+    return int(min(cap, multiple * np.ceil(np.percentile(lengths, 100 * coverage) / multiple)))
+
+
 def load_tokenizer(path):
     from tokenizers import Tokenizer
     return Tokenizer.from_file(str(path))
@@ -316,7 +323,8 @@ def add_data_args(parser, inherit=False):
 # --------------------------------------------------------------------------------------------- a run's data
 
 def load_for_run(args, out, checkpoint, main_process=True):
-    """Collection, tokenizer (trained on the training split's reports only) and the image cache.
+    """Collection, tokenizer (trained on the training split's reports only) and the image cache; sets
+    args.max_len from those reports when it is None.
     Only the main process writes splits.json and the tokenizer; under torchrun the others run this after it."""
     collection = prepare_from(vars(args))
     cache = image_cache(collection, args.image_size, args.strict)    # drops reports left without an image
@@ -327,11 +335,14 @@ def load_for_run(args, out, checkpoint, main_process=True):
     if main_process:
         (out / "splits.json").write_text(json.dumps({"split_seed": args.split_seed} | collection.split_ids))
     tokenizer_path = out / "tokenizer.json"
+    train_texts = [collection.reports[i].text for i in np.unique(collection.report_index[collection.splits["train"]])]
     if checkpoint is None and main_process:
-        train_reports = np.unique(collection.report_index[collection.splits["train"]])
-        train_tokenizer([collection.reports[i].text for i in train_reports], args.vocab_size).save(
-            str(tokenizer_path))
+        train_tokenizer(train_texts, args.vocab_size).save(str(tokenizer_path))
     tokenizer = load_tokenizer(tokenizer_path)
+    if args.max_len is None:                     # --max-len not given: from the training reports (then saved)
+        args.max_len = length_limit(tokenizer, train_texts)
+        if main_process:
+            print(f"--max-len {args.max_len}: covers 99% of the training reports' tokens (cap 256)")
     return collection, split_sha256, tokenizer, cache
 
 

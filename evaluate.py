@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import data
+from bow import fit_bag_of_words
 from runtime import read_checkpoint
 from calibration import (calibration_report, fit_temperature, format_analysis, operating_points_report,
                          rejection_curve)
@@ -212,6 +213,8 @@ def get_args(argv=None):
                                                "mean (default: 0)")
     add("--uncertainty-samples", type=int, default=100,
         help="prior samples whose spread is the uncertainty, for --image and the rejection curve (default: 100)")
+    add("--bow", action="store_true", help="also fit the bag-of-words reference (bow.py) on the training reports, "
+                                           "with the checkpoint's tokens, and evaluate it on --split (default: off)")
     add = parser.add_argument_group("statistics").add_argument
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     add("--seed", type=int, default=0, help="seed of the bootstrap and of prior sampling (default: 0)")
@@ -288,14 +291,19 @@ def single_run(args):
     model, checkpoint = load_checkpoint(args.ckpt, args.device)
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
     label_names = checkpoint.get("label_names", LABELS)
-    images, tokens, labels, groups, unit, splits = load_collection(checkpoint, args.ckpt, data_options(args),
-                                                                   with_text=args.plots and method != "image")
+    with_text = args.bow or args.plots and method != "image"
+    images, tokens, labels, groups, unit, splits = load_collection(checkpoint, args.ckpt, data_options(args), with_text)
     test_idx, val_idx = splits[args.split], splits["val"]
     y, y_val = labels[test_idx], labels[val_idx]
     p, _ = predict(model, images, tokens, test_idx, config, args.device, num_samples=args.samples)
     p_val, _ = predict(model, images, tokens, val_idx, config, args.device, num_samples=args.samples)
     result = metrics_report(y, p, groups[test_idx], args.bootstrap, args.seed, label_names, unit)
     result["prediction"] = prediction_name(method, args.samples)
+    if args.bow:                           # the simplest teacher, on the same tokens, for a side-by-side number
+        train_idx = splits["train"]
+        p_bow = fit_bag_of_words(tokens[train_idx], labels[train_idx], checkpoint["model_config"]["vocab_size"])
+        result["bag_of_words"] = metrics_report(y, p_bow(tokens[test_idx]), groups[test_idx], args.bootstrap,
+                                                args.seed, label_names, unit)
     temperature = fit_temperature(y_val, p_val) if args.temperature else None
     result["split"] = args.split
     result["calibration"] = calibration_report(y, p, label_names, args.bins, temperature)
@@ -333,6 +341,8 @@ def single_run(args):
         print(json.dumps(result, indent=1))
         return
     print(format_metrics(result, f"{args.ckpt} ({args.split})"), "\n")
+    if args.bow:
+        print(format_metrics(result["bag_of_words"], f"bag-of-words reference, reads the report ({args.split})"), "\n")
     print(format_analysis(result))
     if written:
         print("\npictures: " + ", ".join(result["pictures"]))

@@ -32,10 +32,11 @@ class VKDConfig:
     backbone: str = "cnn"           # cnn | resnet18 | densenet121
     cnn_width: int = 16             # channels of the compact CNN's first stage
     vocab_size: int = 2000
-    max_len: int = 64               # report tokens
+    max_len: int = 64               # report tokens (train.py derives it from the training reports)
     text_dim: int = 64
     text_layers: int = 2
     text_heads: int = 4
+    text_pooling: str = "mean"      # attention | mean: how token features become one report feature
     dropout: float = 0.1
     method: str = "vkd"
 
@@ -155,7 +156,8 @@ class TorchvisionEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Transformer over report tokens: (B, T) ids -> (B, text_dim), mean-pooled over non-padding tokens.
+    """Transformer over report tokens: (B, T) ids -> (B, text_dim), pooled over the non-padding tokens by
+    attention (AttentionPooling) or by their mean (text_pooling="mean").
 
     Attention runs over the T tokens of each report (batch_first=True), never across the reports of a batch,
     and positional embeddings are indexed by token position, not batch position. The authors' code got both
@@ -171,6 +173,8 @@ class TextEncoder(nn.Module):
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.text_dim)
+        assert cfg.text_pooling in ("attention", "mean"), f"text_pooling: attention or mean, not {cfg.text_pooling!r}"
+        self.pool = AttentionPooling(cfg.text_dim, cfg.text_heads) if cfg.text_pooling == "attention" else None
 
     def forward(self, t):
         B, T = t.shape
@@ -179,8 +183,33 @@ class TextEncoder(nn.Module):
         positions = torch.arange(T, device=t.device)
         h = self.token_embedding(t) + self.position_embedding(positions)[None]  # (B, T, C)
         h = self.norm(self.encoder(h, src_key_padding_mask=padding))             # (B, T, C)
+        if self.pool is not None:
+            return self.pool(h, padding)                                         # (B, C)
         keep = (~padding).unsqueeze(-1).to(h.dtype)
-        return (h * keep).sum(1) / keep.sum(1).clamp(min=1)                      # (B, C)
+        return (h * keep).sum(1) / keep.sum(1).clamp(min=1)                      # mean: (B, C)
+
+
+class AttentionPooling(nn.Module):
+    """Token features (B, T, C) -> one report feature (B, C), by H learned queries:
+
+        a_h(i) = softmax_i(w_h . h_i)  over the non-padding tokens i, for each of the H queries w_h
+        r      = W [sum_i a_1(i) h_i, ..., sum_i a_H(i) h_i]
+
+    Why not the mean: a report is mostly normal findings, and the mean gives a one-word finding ("pneumothorax")
+    a weight of 1/T in a long report; a query can put most of its weight on it. Padding gets a weight of zero.
+    """
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.score = nn.Linear(dim, heads)                   # w_h: one query per head
+        self.out = nn.Linear(heads * dim, dim)               # W
+
+    def forward(self, h, padding):
+        scores = self.score(h).float()                                            # (B, T, H)
+        scores = scores.masked_fill(padding.unsqueeze(-1), torch.finfo(scores.dtype).min)
+        a = scores.softmax(dim=1).to(h.dtype)                                     # (B, T, H), sums to 1 over T
+        pooled = torch.einsum("bth,btc->bhc", a, h)                               # (B, H, C)
+        return self.out(pooled.flatten(1))                                        # (B, C)
 
 
 # --------------------------------------------------------------------------------------- Gaussian latent
@@ -211,21 +240,36 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
 
 
-def bce(logits, y):
+def positive_weights(y, mode="sqrt"):
+    """(K,) weight of a positive label in the BCE, from the training labels y (N, K) (NaN = not observed):
+    sqrt(negatives / positives) per label ("sqrt"), or 1 ("none"). Why: a label with 1% positives otherwise
+    gets nearly all of its gradient from negatives; the square root softens the full ratio, which overshoots."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    if mode == "none":
+        return torch.ones(y.shape[1])
+    assert mode == "sqrt", f"pos_weight: sqrt or none, not {mode!r}"
+    positives = torch.nansum(y, 0)
+    negatives = (~torch.isnan(y)).sum(0) - positives
+    return (negatives / positives.clamp(min=1)).clamp(min=1).sqrt()
+
+
+def bce(logits, y, pos_weight=None):
     """-log p(y | z) summed over labels, averaged over samples and batch; logits (S, B, K) or (B, K).
+    pos_weight (K,): the weight of the term of a positive label (positive_weights), 1 by default.
 
     A NaN label is not observed (an uncertain MIMIC label under --uncertain ignore): it adds nothing to the
     loss and no gradient."""
     y = y.expand_as(logits).float()
     observed = ~torch.isnan(y)
-    terms = F.binary_cross_entropy_with_logits(logits.float(), torch.where(observed, y, 0.0), reduction="none")
+    terms = F.binary_cross_entropy_with_logits(logits.float(), torch.where(observed, y, 0.0), reduction="none",
+                                               pos_weight=pos_weight)
     return torch.where(observed, terms, 0.0).sum(-1).mean()
 
 
 # ------------------------------------------------------------------------------------------------- VKD
 
 class VKD(nn.Module):
-    def __init__(self, cfg, backbone_weights=None):
+    def __init__(self, cfg, backbone_weights=None, pos_weight=None):
         super().__init__()
         assert cfg.method in METHODS, f"method must be one of {METHODS}, got {cfg.method!r}"
         self.cfg = cfg
@@ -237,6 +281,9 @@ class VKD(nn.Module):
         self.posterior = (GaussianHead(image_dim + cfg.text_dim, cfg.latent_dim)                 # q(z | x, t)
                           if self.text_encoder is not None else None)
         self.classifier = nn.Linear(cfg.latent_dim, cfg.num_labels)                             # f(z)
+        # a training choice (positive_weights), not a weight of the model: left out of the state_dict
+        weight = torch.ones(cfg.num_labels) if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+        self.register_buffer("pos_weight", weight, persistent=False)
 
     def encode_prior(self, x):
         assert x.dim() == 4 and x.shape[1] == 1, f"x must be (B, 1, H, W), got {tuple(x.shape)}"
@@ -256,18 +303,19 @@ class VKD(nn.Module):
                that is used at test time directly: in eq. 1 the classifier only ever sees posterior samples.
         image: loss = BCE(f(mu_p(x)))
         text:  loss = BCE(f(z_q)),  z_q ~ q(z|x,t)
+        Every BCE weighs the term of a positive label by self.pos_weight (positive_weights; 1 by default).
         """
         method = self.cfg.method
         h_x, mu_p, logvar_p = self.encode_prior(x)
         zero = torch.zeros((), device=x.device)
         if method == "image":
-            bce_prior = bce(self.classifier(mu_p), y)
+            bce_prior = bce(self.classifier(mu_p), y, self.pos_weight)
             return {"loss": bce_prior, "bce_posterior": zero, "bce_prior": bce_prior, "kl": zero}
         mu_q, logvar_q = self.encode_posterior(h_x, t)
-        bce_posterior = bce(self.classifier(reparameterize(mu_q, logvar_q, num_samples)), y)
+        bce_posterior = bce(self.classifier(reparameterize(mu_q, logvar_q, num_samples)), y, self.pos_weight)
         if method == "text":
             return {"loss": bce_posterior, "bce_posterior": bce_posterior, "bce_prior": zero, "kl": zero}
-        bce_prior = bce(self.classifier(reparameterize(mu_p, logvar_p, num_samples)), y)
+        bce_prior = bce(self.classifier(reparameterize(mu_p, logvar_p, num_samples)), y, self.pos_weight)
         kl = gaussian_kl(mu_q.float(), logvar_q.float(), mu_p.float(), logvar_p.float()).mean()
         loss = bce_posterior + prior_weight * bce_prior + beta * kl
         return {"loss": loss, "bce_posterior": bce_posterior, "bce_prior": bce_prior, "kl": kl}

@@ -31,7 +31,7 @@ import options
 import recipe
 import runtime
 from metrics import auroc_summary
-from model import VKD, VKDConfig, describe
+from model import VKD, describe, positive_weights
 
 # ----------------------------------------------------------------------------------------------- options
 
@@ -131,11 +131,10 @@ def setup(args, start_time):
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
-    model_config = VKDConfig(num_labels=len(collection.label_names), latent_dim=args.latent_dim, backbone=args.backbone,
-                             cnn_width=args.cnn_width, vocab_size=tokenizer.get_vocab_size(), max_len=args.max_len,
-                             text_dim=args.text_dim, text_layers=args.text_layers, dropout=args.dropout,
-                             method=args.method)
-    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch)
+    model_config = options.model_config(args, len(collection.label_names), tokenizer.get_vocab_size())
+    pos_weight = positive_weights(collection.labels[train_idx], getattr(args, "pos_weight", "none"))
+    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch,
+                                                            pos_weight)
     run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size, device=device, amp=amp,
               collection=collection, split_sha256=split_sha256, images=images, tokens=tokens, labels=labels,
               model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast, betas=betas,
@@ -147,9 +146,9 @@ def setup(args, start_time):
     return run, checkpoint
 
 
-def build_model(model_config, args, device, amp, steps_per_epoch):
+def build_model(model_config, args, device, amp, steps_per_epoch, pos_weight=None):
     """-> model, optimizer, GradScaler, autocast context, the beta of every step."""
-    model = VKD(model_config, args.backbone_weights).to(device)
+    model = VKD(model_config, args.backbone_weights, pos_weight).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     total_steps = steps_per_epoch * args.epochs

@@ -1,0 +1,218 @@
+"""The report-reading path: the length limit from the data, the collection's defaults, attention pooling, the
+positive-label weights, what reaches the tokenizer, and the bag-of-words reference."""
+from argparse import Namespace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import options
+import train
+from bow import fit_bag_of_words, token_presence
+from metrics import auroc_summary
+from model import VKD, VKDConfig, TextEncoder, bce, positive_weights
+
+SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2, text_layers=1)
+
+
+class FixedLengths:
+    """A tokenizer stand-in whose i-th text has a known number of tokens."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def encode_batch(self, texts):
+        return [SimpleNamespace(ids=[5] * self.lengths[int(text)]) for text in texts]
+
+
+# ----------------------------------------------------------------------------------------- length limit
+
+@pytest.mark.parametrize("lengths, expected", [
+    (list(range(1, 101)), 112),         # 99th percentile 99.01 -> rounded up to a multiple of 16
+    ([10] * 199 + [1000], 16),          # one very long report in 200 does not set the limit
+    ([40] * 50 + [64] * 50, 64),        # already a multiple of 16: kept
+    ([300] * 10, 256),                  # the cap
+])
+def test_length_limit_covers_99_percent_rounded_up_and_capped(lengths, expected):
+    texts = [str(i) for i in range(len(lengths))]
+    assert data.length_limit(FixedLengths(lengths), texts) == expected
+
+
+def test_max_len_comes_from_the_collection_unless_given():
+    assert train.get_args(["--data", "openi"]).max_len is None                 # from the training reports
+    assert train.get_args(["--data", "mimic"]).max_len is None
+    assert train.get_args(["--data", "openi", "--max-len", "40"]).max_len == 40
+    assert train.get_args([]).max_len == 64                                    # the demo keeps its measured 64
+    assert train.get_args(["--max-len", "32"]).max_len == 32
+
+
+def test_collection_defaults_lose_to_given_flags_and_presets():
+    openi = train.get_args(["--data", "openi"])
+    assert (openi.text_pooling, openi.pos_weight) == ("attention", "sqrt")
+    demo = train.get_args([])
+    assert (demo.text_pooling, demo.pos_weight) == ("mean", "none")
+    given = train.get_args(["--data", "openi", "--text-pooling", "mean", "--pos-weight", "none"])
+    assert (given.text_pooling, given.pos_weight) == ("mean", "none")
+    assert train.get_args(["--preset", "tiny"]).epochs == 8 and train.get_args(["--preset", "tiny"]).max_len == 64
+    assert set(options.DATA_DEFAULTS) == {"demo", "openi", "mimic"}
+
+
+def test_old_config_without_the_new_options_gets_the_old_model():
+    old = Namespace(latent_dim=8, backbone="cnn", cnn_width=4, max_len=12, text_dim=16, text_layers=1,
+                    dropout=0.1, method="text")
+    assert options.model_config(old, 14, 50).text_pooling == "mean"
+
+
+# --------------------------------------------------------------------------------- what the tokenizer reads
+
+def test_only_training_reports_reach_the_tokenizer_and_the_length_limit(tmp_path, monkeypatch):
+    seen = {}
+    real_train, real_limit = data.train_tokenizer, data.length_limit
+
+    def spy_train(texts, vocab_size):
+        seen["tokenizer"] = list(texts)
+        return real_train(texts, vocab_size)
+
+    def spy_limit(tokenizer, texts):
+        seen["limit"] = list(texts)
+        return real_limit(tokenizer, texts)
+
+    monkeypatch.setattr(data, "train_tokenizer", spy_train)
+    monkeypatch.setattr(data, "length_limit", spy_limit)
+    args = train.get_args(["--demo-reports", "60", "--image-size", "16", "--data-dir", str(tmp_path / "data")])
+    args.max_len = None                                          # as for --data openi: derived from the data
+    (tmp_path / "run").mkdir()
+    collection, _, _, _ = data.load_for_run(args, tmp_path / "run", None)
+    reports_of = {split: {collection.report_index[i] for i in collection.splits[split]} for split in data.SPLITS}
+    train_texts = sorted(collection.reports[i].text for i in reports_of["train"])
+    held_out = {collection.reports[i].text for i in reports_of["val"] | reports_of["test"]}
+    assert sorted(seen["tokenizer"]) == train_texts and sorted(seen["limit"]) == train_texts
+    assert not held_out & set(seen["tokenizer"])
+    assert args.max_len == real_limit(data.load_tokenizer(tmp_path / "run" / "tokenizer.json"), train_texts)
+
+
+# -------------------------------------------------------------------------------------------- the encoder
+
+def reports(B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(1, 50, (B, 12), generator=g)
+    lengths = torch.tensor([8, 3, 12, 1, 5, 8])[:B]
+    t[torch.arange(12)[None] >= lengths[:, None]] = 0                          # padding after each report
+    return t, lengths
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_padding_never_changes_the_report_feature(pooling):
+    torch.manual_seed(0)
+    encoder = TextEncoder(VKDConfig(**SMALL | {"text_pooling": pooling})).eval()
+    t, lengths = reports()
+    h = encoder(t)                                                               # (B, C)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(encoder(t[i:i + 1, :n])[0], h[i])             # the report alone, unpadded
+    other = t.clone()
+    other[1:] = torch.randint(1, 50, other[1:].shape)                           # other reports of the batch
+    torch.testing.assert_close(encoder(other)[0], h[0])
+    changed = t.clone()
+    changed[0, 0] = (t[0, 0] % 49) + 1                                           # a real token changes
+    assert not torch.allclose(encoder(changed)[0], h[0])
+
+
+def test_attention_pooling_can_attend_to_one_token():
+    """A query that scores one token id far above the rest returns that token's feature: a one-word finding
+    is not averaged away as it is by the mean."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(VKDConfig(**SMALL | {"text_pooling": "attention", "text_layers": 1})).eval()
+    h = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    pool = encoder.pool
+    with torch.no_grad():
+        pool.score.weight.zero_()
+        pool.score.bias.zero_()
+        h[:, 2, 0] = 100.0                                                       # token 2 stands out on dim 0
+        pool.score.weight[:, 0] = 1.0
+    pooled = torch.einsum("bth,btc->bhc", pool.score(h).masked_fill(padding[..., None], -1e9).softmax(1), h)
+    torch.testing.assert_close(pooled[:, 0], h[:, 2])
+    h[1, 3:] = 1e6                                                               # padding: weight zero
+    torch.testing.assert_close(pool(h, padding)[1:], pool(h[:, :3], padding[:, :3])[1:])
+
+
+def test_positive_weights_and_weighted_bce():
+    y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(positive_weights(y, "sqrt"), torch.tensor([2.0, 2.0, 3 ** 0.5]))
+    torch.testing.assert_close(positive_weights(y, "none"), torch.ones(3))
+    logits = torch.randn(5, 3)
+    w = positive_weights(y, "sqrt")
+    observed = ~torch.isnan(y)
+    expected = -(w * y.nan_to_num() * F.logsigmoid(logits) + (1 - y.nan_to_num()) * F.logsigmoid(-logits))
+    torch.testing.assert_close(bce(logits, y, w), (expected * observed).sum(-1).mean())
+    assert not torch.allclose(bce(logits, y, w), bce(logits, y))
+
+
+def test_model_uses_its_positive_weights_and_does_not_save_them():
+    torch.manual_seed(0)
+    cfg = VKDConfig(method="image", **SMALL)
+    x, y = torch.randn(4, 1, 32, 32), (torch.rand(4, 14) < 0.5).float()
+    plain, weighted = VKD(cfg).eval(), VKD(cfg, pos_weight=torch.full((14,), 3.0)).eval()
+    weighted.load_state_dict(plain.state_dict())                                 # no pos_weight key needed
+    assert "pos_weight" not in plain.state_dict()
+    assert weighted(x, None, y)["loss"] > plain(x, None, y)["loss"]
+
+
+# ------------------------------------------------------------------------------------------- bag of words
+
+def toy_reports(n, seed):
+    """Label k is positive exactly when token 10 + k is in the report, among random filler tokens 20..49."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 3)) < 0.3).astype(np.float32)
+    tokens = np.zeros((n, 10), dtype=np.int64)
+    for i in range(n):
+        words = list(rng.integers(20, 50, 4)) + [10 + k for k in range(3) if labels[i, k]]
+        tokens[i, :len(words)] = rng.permutation(words)
+    return tokens, labels
+
+
+def test_token_presence_ignores_padding_and_repeats():
+    presence = token_presence(torch.tensor([[3, 3, 1, 0, 0]]), 5)
+    torch.testing.assert_close(presence, torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]]))
+
+
+def test_bag_of_words_learns_a_separable_toy_problem():
+    tokens, labels = toy_reports(200, 0)
+    test_tokens, test_labels = toy_reports(100, 1)
+    predict = fit_bag_of_words(tokens, labels, 50)
+    assert auroc_summary(test_labels, predict(test_tokens))["macro"] == 1.0
+    shuffled = fit_bag_of_words(tokens, labels[np.random.default_rng(2).permutation(200)], 50)
+    assert auroc_summary(test_labels, shuffled(test_tokens))["macro"] < 0.8     # nothing to learn: chance
+
+
+def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import TINY
+    cut = TINY.index("--max-len")
+    argv = TINY[:cut] + TINY[cut + 2:] + [
+        "--method", "text", "--text-pooling", "attention", "--pos-weight", "sqrt", "--epochs", "1",
+        "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    args = train.get_args(argv)
+    args.max_len = None                                          # derived, as for --data openi
+    train.train(args)
+    run = tmp_path / "run"
+    tokenizer = data.load_tokenizer(run / "tokenizer.json")
+    collection = data.prepare_from(json.loads((run / "run.json").read_text())["config"])
+    texts = [collection.reports[i].text for i in np.unique(collection.report_index[collection.splits["train"]])]
+    derived = data.length_limit(tokenizer, texts)
+    assert json.loads((run / "run.json").read_text())["config"]["max_len"] == derived
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["model_config"]["max_len"] == derived
+    assert checkpoint["model_config"]["text_pooling"] == "attention"
+    result = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run / "best.pt"), "--json", "--bow",
+                             "--bootstrap", "20"], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                            text=True, check=True)
+    assert 0.5 < json.loads(result.stdout)["bag_of_words"]["macro_auroc"] <= 1
