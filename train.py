@@ -287,7 +287,7 @@ def end_epoch(run, epoch, sums, epoch_start, log):
 
 
 def validate(run):
-    """Validation macro AUROC from the image alone (the prior mean), as at test time."""
+    """Validation macro AUROC of the test-time prediction: the prior mean (the `text` upper bound reads the report)."""
     val_idx = run.collection.splits["val"]
     p, _ = evaluate.predict(run.model, run.images, run.tokens, val_idx, vars(run.args), run.device)
     return auroc_summary(run.collection.labels[val_idx], p)["macro"]
