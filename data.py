@@ -4,11 +4,9 @@
     python data.py --data demo --json     # the same summary as one JSON object
     python data.py --data openi --data-dir DIR
 
-prepare() reads a collection into a Collection, one sample per image: OpenI-format reports (openi.py: the
-demo drawn by demo.py, written in exactly the OpenI layout, or the real collection fetched by download.py),
-MIMIC-CXR or a user's own CSV (tables.py). Then a seeded split by report (or patient), the report tokenizer,
-the images decoded once into a cache (image_cache.py), and normalise(), the one definition of a model's input
-that training, evaluation and single-image prediction share.
+prepare() reads a collection into a Collection, one sample per image, with a seeded split by report (or patient):
+OpenI-format reports (the demo of demo.py, or the real OpenI fetched by download.py), MIMIC-CXR or a CSV (tables.py).
+Then the report tokenizer, the image cache (image_cache.py), and normalise(): the one definition of a model's input.
 """
 import argparse
 import hashlib
@@ -179,8 +177,23 @@ DATA_OPTIONS = ("data", "data_dir", "split_seed", "demo_reports", "demo_seed", "
 
 
 def prepare_from(options):
-    """prepare() from a dict holding (some of) DATA_OPTIONS, e.g. vars(args) or a checkpoint's config."""
-    return prepare(**{name: options[name] for name in DATA_OPTIONS if name in options})
+    """prepare() from a dict holding DATA_OPTIONS (vars(args), a checkpoint's config), then --train-fraction."""
+    collection = prepare(**{name: options[name] for name in DATA_OPTIONS if name in options})
+    return keep_train_fraction(collection, options.get("train_fraction", 1.0), options.get("split_seed", 0))
+
+
+def keep_train_fraction(collection, fraction, seed):
+    """Train on the first round(F n) of a seeded permutation of the n training reports: the same reports for every
+    method and seed, a smaller F a subset of a larger one (a learning curve); validation and test unchanged."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"--train-fraction {fraction}: give a fraction in (0, 1]")
+    ids, train = collection.split_ids["train"], collection.splits["train"]
+    order = np.random.default_rng([seed, 1]).permutation(len(ids))
+    keep = {ids[i] for i in order[:max(1, round(fraction * len(ids)))]}
+    collection.split_ids["train"] = [report_id for report_id in ids if report_id in keep]
+    collection.splits["train"] = train[[collection.reports[i].id in keep for i in collection.report_index[train]]]
+    collection.summary.update(count_used(collection))
+    return collection
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -236,11 +249,8 @@ def normalise(images, pixel_mean, pixel_std, augment=None):
 # --------------------------------------------------------------------------------------------- tokenizer
 
 def train_tokenizer(texts, vocab_size):
-    """Byte-pair-encoding tokenizer trained on the given (training split) texts. [PAD] is id 0.
-
-    BPE rather than WordPiece because the tokenizers library's WordPiece trainer breaks ties between equally
-    frequent merges differently from run to run, which would make a seeded run unrepeatable.
-    """
+    """Byte-pair-encoding tokenizer trained on the given (training split) texts. [PAD] is id 0. BPE, as the
+    WordPiece trainer breaks ties between equally frequent merges differently from run to run (unrepeatable)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -318,6 +328,8 @@ def add_data_args(parser, inherit=False):
     add("--strict", False, action="store_true", help="stop on a bad sample instead of skipping and counting it")
     if not inherit:
         add("--image-size", 128, type=int, help="cached image side in px")
+        add("--train-fraction", 1.0, type=float, help="train on this seeded fraction of the training reports, the "
+                                                      "same for every method and seed; validation and test unchanged")
 
 
 # --------------------------------------------------------------------------------------------- a run's data
@@ -352,18 +364,6 @@ def usage(collection):
     skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items() if n)
     return (f"{summary['reports_used']} of {summary['reports']} reports used (skipped: {skipped or 'none'}); "
             f"{len(collection.splits['train'])} train / {len(collection.splits['val'])} val images")
-
-
-def check_labels(collection, allow_missing, main_process):
-    """A label without a positive training image cannot be learnt: stop, unless told to go on."""
-    train_idx = collection.splits["train"]
-    missing = [name for k, name in enumerate(collection.label_names) if np.nansum(collection.labels[train_idx, k]) == 0]
-    if missing and not allow_missing:
-        raise DataError(f"no positive training image for {', '.join(missing)}: the model cannot learn "
-                             f"{'it' if len(missing) == 1 else 'them'}. Use more data, another --split-seed, drop the "
-                             f"label (--csv-labels), or pass --allow-missing-labels to train anyway")
-    if missing and main_process:
-        print(f"warning: no positive training image for {', '.join(missing)} (--allow-missing-labels)")
 
 
 JSON_SUMMARY_KEYS = ("reports", "reports_used", "images_used", "skipped", "labels", "splits",

@@ -8,6 +8,10 @@ Notation (van Sonsbeek et al., IPMI 2021): x image, t report text, y the 14 labe
 
     ELBO:  log p(y | x) >= E_q(z|x,t)[log p(y | z)] - beta * KL(q(z|x,t) || p(z|x))        (eq. 1)
 
+The authors' code made other choices; each is a switch of VKDConfig, off by default: q(z | t) instead of
+q(z | x, t) (posterior_reads_image), f([z; h_x]) instead of f(z) (classifier_reads_image), KL(p || q) in eq. 1
+(kl_direction), the mean of L samples fed to f (average_samples); train.beta_at has their cyclical beta.
+
 Methods sharing this code: `vkd` (the above plus a BCE on prior samples), `image` (BCE on f(mu_p(x)) only: the
 baseline VKD must beat), `text` (BCE on posterior samples only: an upper bound that reads the report).
 """
@@ -39,6 +43,11 @@ class VKDConfig:
     text_pooling: str = "mean"      # attention | mean: how token features become one report feature
     dropout: float = 0.1
     method: str = "vkd"
+    # The authors' design choices, off by default (the study, study.py, measures them one by one):
+    posterior_reads_image: bool = True     # q(z | x, t) as in eq. 1; False: q(z | t), as the authors' code
+    classifier_reads_image: bool = False   # f(z); True: f([z; h_x]), as the authors' code
+    kl_direction: str = "qp"               # KL(q || p) as in eq. 1; "pq": KL(p || q), as the authors' code
+    average_samples: bool = False          # f(z_l) averaged over the L samples; True: f(mean_l z_l), as the authors
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -272,15 +281,18 @@ class VKD(nn.Module):
     def __init__(self, cfg, backbone_weights=None, pos_weight=None):
         super().__init__()
         assert cfg.method in METHODS, f"method must be one of {METHODS}, got {cfg.method!r}"
+        assert cfg.kl_direction in ("qp", "pq"), f"kl_direction: qp or pq, not {cfg.kl_direction!r}"
         self.cfg = cfg
         self.image_encoder = (ImageEncoder(cfg.cnn_width) if cfg.backbone == "cnn"
                               else TorchvisionEncoder(cfg.backbone, backbone_weights))
         image_dim = self.image_encoder.out_dim
         self.prior = GaussianHead(image_dim, cfg.latent_dim)                                    # p(z | x)
         self.text_encoder = TextEncoder(cfg) if cfg.method in ("vkd", "text") else None
-        self.posterior = (GaussianHead(image_dim + cfg.text_dim, cfg.latent_dim)                 # q(z | x, t)
+        posterior_dim = cfg.text_dim + (image_dim if cfg.posterior_reads_image else 0)
+        self.posterior = (GaussianHead(posterior_dim, cfg.latent_dim)                            # q(z | x, t)
                           if self.text_encoder is not None else None)
-        self.classifier = nn.Linear(cfg.latent_dim, cfg.num_labels)                             # f(z)
+        classifier_dim = cfg.latent_dim + (image_dim if cfg.classifier_reads_image else 0)
+        self.classifier = nn.Linear(classifier_dim, cfg.num_labels)                             # f(z)
         # a training choice (positive_weights), not a weight of the model: left out of the state_dict
         weight = torch.ones(cfg.num_labels) if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
         self.register_buffer("pos_weight", weight, persistent=False)
@@ -292,7 +304,26 @@ class VKD(nn.Module):
 
     def encode_posterior(self, h_x, t):
         h_t = self.text_encoder(t)                                           # (B, C)
-        return self.posterior(torch.cat([h_x, h_t], dim=-1))                 # fusion by concatenation
+        if not self.cfg.posterior_reads_image:
+            return self.posterior(h_t)                                       # q(z | t)
+        return self.posterior(torch.cat([h_x, h_t], dim=-1))                 # q(z | x, t): fusion by concatenation
+
+    def classify(self, z, h_x):
+        """Logits f(z) of z (B, D) or samples (S, B, D); f([z; h_x]) with cfg.classifier_reads_image."""
+        if self.cfg.classifier_reads_image:
+            z = torch.cat([z, h_x.expand(*z.shape[:-1], -1)], dim=-1)
+        return self.classifier(z)
+
+    def sample(self, mu, logvar, num_samples):
+        """L samples z ~ N(mu, diag exp(logvar)): (L, B, D), or their mean (1, B, D) with cfg.average_samples.
+        Averaging many samples (the authors use 100) shrinks the noise by sqrt(L): z becomes nearly mu."""
+        z = reparameterize(mu, logvar, num_samples)
+        return z.mean(0, keepdim=True) if self.cfg.average_samples else z
+
+    def kl(self, mu_q, logvar_q, mu_p, logvar_p):
+        """KL(q || p) averaged over the batch (eq. 1); KL(p || q) with cfg.kl_direction == "pq"."""
+        q, p = (mu_q.float(), logvar_q.float()), (mu_p.float(), logvar_p.float())
+        return (gaussian_kl(*p, *q) if self.cfg.kl_direction == "pq" else gaussian_kl(*q, *p)).mean()
 
     def forward(self, x, t, y, beta=1.0, prior_weight=1.0, num_samples=1):
         """Loss parts for one batch. x (B, 1, H, W) float, t (B, T) token ids, y (B, K) in {0, 1};
@@ -309,14 +340,14 @@ class VKD(nn.Module):
         h_x, mu_p, logvar_p = self.encode_prior(x)
         zero = torch.zeros((), device=x.device)
         if method == "image":
-            bce_prior = bce(self.classifier(mu_p), y, self.pos_weight)
+            bce_prior = bce(self.classify(mu_p, h_x), y, self.pos_weight)
             return {"loss": bce_prior, "bce_posterior": zero, "bce_prior": bce_prior, "kl": zero}
         mu_q, logvar_q = self.encode_posterior(h_x, t)
-        bce_posterior = bce(self.classifier(reparameterize(mu_q, logvar_q, num_samples)), y, self.pos_weight)
+        bce_posterior = bce(self.classify(self.sample(mu_q, logvar_q, num_samples), h_x), y, self.pos_weight)
         if method == "text":
             return {"loss": bce_posterior, "bce_posterior": bce_posterior, "bce_prior": zero, "kl": zero}
-        bce_prior = bce(self.classifier(reparameterize(mu_p, logvar_p, num_samples)), y, self.pos_weight)
-        kl = gaussian_kl(mu_q.float(), logvar_q.float(), mu_p.float(), logvar_p.float()).mean()
+        bce_prior = bce(self.classify(self.sample(mu_p, logvar_p, num_samples), h_x), y, self.pos_weight)
+        kl = self.kl(mu_q, logvar_q, mu_p, logvar_p)
         loss = bce_posterior + prior_weight * bce_prior + beta * kl
         return {"loss": loss, "bce_posterior": bce_posterior, "bce_prior": bce_prior, "kl": kl}
 
@@ -328,11 +359,12 @@ class VKD(nn.Module):
         num_samples=S: mean and std of sigmoid(f(z_s)) over S samples z_s ~ p(z|x) (std = per-image uncertainty).
         Returns (probabilities (B, K), std (B, K)).
         """
-        _, mu_p, logvar_p = self.encode_prior(x)
+        h_x, mu_p, logvar_p = self.encode_prior(x)
         if num_samples == 0:
-            probabilities = torch.sigmoid(self.classifier(mu_p).float())
+            probabilities = torch.sigmoid(self.classify(mu_p, h_x).float())
             return probabilities, torch.zeros_like(probabilities)
-        samples = torch.sigmoid(self.classifier(reparameterize(mu_p, logvar_p, num_samples)).float())  # (S, B, K)
+        z = reparameterize(mu_p, logvar_p, num_samples)                                       # (S, B, D)
+        samples = torch.sigmoid(self.classify(z, h_x).float())                                # (S, B, K)
         return samples.mean(0), samples.std(0, correction=0)
 
     @torch.no_grad()
@@ -340,7 +372,7 @@ class VKD(nn.Module):
         """The `text` upper bound: sigmoid(f(mu_q(x, t))). Reads the report, so it is not a test-time model."""
         h_x, _, _ = self.encode_prior(x)
         mu_q, _ = self.encode_posterior(h_x, t)
-        return torch.sigmoid(self.classifier(mu_q).float())
+        return torch.sigmoid(self.classify(mu_q, h_x).float())
 
 
 def count_parameters(module):

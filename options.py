@@ -1,4 +1,5 @@
-"""Every option of train.py, grouped (method, optimisation, data, speed, run management), each with its default.
+"""Every option of train.py, grouped (method, the authors' choices, model, optimisation, data, speed, run management),
+each with its default.
 
 `python train.py --help` prints them; the resolved options are saved in run.json and in every checkpoint. The
 model's defaults come from model.VKDConfig, the data options from data.add_data_args: each defined once.
@@ -9,6 +10,13 @@ import data
 from model import METHODS, VKDConfig
 
 MODEL = VKDConfig()            # the model's defaults, defined once (model.py)
+
+# The authors' design choices, all on (--preset authors): the posterior reads the report only, the classifier also
+# sees the image features, KL(p || q), a cyclical beta (a ramp over the first half of every 4 epochs, as in Fu et
+# al. 2019), and 100 latent samples averaged before the classifier. Their other settings (DenseNet-121, beta 1e-3,
+# lr 1e-5, 224 px) are options of their own.
+AUTHORS = {"posterior_input": "report", "classifier_input": "z+image", "kl_direction": "pq", "beta_cycle_epochs": 4,
+           "beta_warmup_epochs": 2, "latent_samples": 100, "average_samples": True}
 
 # Option defaults of a collection; flags given on the command line still win. Real reports (OpenI, MIMIC-CXR) are
 # long (1 in 5 OpenI reports is longer than 64 tokens) and name a rare finding in one or two words among many
@@ -32,6 +40,19 @@ def build_parser(presets, description=None):
     add("--beta-warmup-epochs", type=float, default=3, help="epochs over which beta rises from 0 (default: 3)")
     add("--prior-weight", type=float, default=1.0, help="lambda: weight of the BCE on prior samples (default: 1.0)")
     add("--latent-samples", type=int, default=1, help="L: reparameterised samples per image (default: 1)")
+    add("--beta-cycle-epochs", type=float, default=0,
+        help="restart the beta ramp every this many epochs, a cyclical schedule (the authors'); 0 = one ramp "
+             "(default: 0)")
+    add = parser.add_argument_group("the authors' design choices (model.py; all on: --preset authors)").add_argument
+    add("--posterior-input", default="image+report", choices=["image+report", "report"],
+        help="q(z | x, t) or q(z | t), the authors' (default: image+report)")
+    add("--classifier-input", default="z", choices=["z", "z+image"],
+        help="f(z) or f([z; h_x]), the authors' (default: z)")
+    add("--kl-direction", default="qp", choices=["qp", "pq"],
+        help="qp = KL(q || p) of eq. 1, pq = KL(p || q), the authors' (default: qp)")
+    add("--average-samples", action="store_true",
+        help="feed the mean of the L latent samples to the classifier, the authors' (with L = 100) (default: off)")
+    add = parser.add_argument_group("model").add_argument
     add("--latent-dim", type=int, default=MODEL.latent_dim, help=f"size of z (default: {MODEL.latent_dim})")
     add("--backbone", default=MODEL.backbone, choices=["cnn", "resnet18", "densenet121"],
         help=f"image encoder (default: {MODEL.backbone})")
@@ -118,4 +139,8 @@ def model_config(args, num_labels, vocab_size):
     return VKDConfig(num_labels=num_labels, latent_dim=args.latent_dim, backbone=args.backbone,
                      cnn_width=args.cnn_width, vocab_size=vocab_size, max_len=args.max_len, text_dim=args.text_dim,
                      text_layers=args.text_layers, text_pooling=getattr(args, "text_pooling", "mean"),
-                     dropout=args.dropout, method=args.method)
+                     dropout=args.dropout, method=args.method,
+                     posterior_reads_image=getattr(args, "posterior_input", "image+report") == "image+report",
+                     classifier_reads_image=getattr(args, "classifier_input", "z") == "z+image",
+                     kl_direction=getattr(args, "kl_direction", "qp"),
+                     average_samples=getattr(args, "average_samples", False))

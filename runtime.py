@@ -8,7 +8,8 @@ the machine. A student can skip this file: train.py calls each of these in one l
     resume_args, open_log                    --resume: the run's saved options and its log so far
     freeze_unreached                         parameters a method never trains, which DDP must not wait for
     StopRequest, test_signal                 Ctrl-C: stop at an exact step, all processes together
-    check_finite                             stop before a non-finite update is saved
+    check_labels, check_finite               stop before training a label with no positive image, or saving a
+                                             non-finite update
     environment                              what a rerun needs to give the same numbers
 """
 import argparse
@@ -221,6 +222,18 @@ def test_signal(rank, world_size):
 
 class TrainingStopped(Exception):
     """The run cannot go on (non-finite losses); the message says which checkpoint is kept and what to try."""
+
+
+def check_labels(collection, allow_missing, main_process):
+    """A label without a positive training image cannot be learnt: stop, unless told to go on."""
+    train_idx = collection.splits["train"]
+    missing = [name for k, name in enumerate(collection.label_names) if np.nansum(collection.labels[train_idx, k]) == 0]
+    if missing and not allow_missing:
+        raise DataError(f"no positive training image for {', '.join(missing)}: the model cannot learn "
+                        f"{'it' if len(missing) == 1 else 'them'}. Use more data (or a larger --train-fraction), another "
+                        f"--split-seed, drop the label (--csv-labels), or pass --allow-missing-labels to train anyway")
+    if missing and main_process:
+        print(f"warning: no positive training image for {', '.join(missing)} (--allow-missing-labels)")
 
 
 def check_finite(bad_steps, steps, epoch, amp, out, saved_epoch):

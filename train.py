@@ -37,6 +37,7 @@ from model import VKD, describe, positive_weights
 
 PRESETS = {       # named option defaults (--preset NAME); flags given on the command line still win
     "tiny": {"demo_reports": 600, "image_size": 64, "epochs": 8, "batch_size": 32},   # the pipeline in < 1 min
+    "authors": options.AUTHORS,                       # the authors' design choices (options.py)
 }
 
 
@@ -55,14 +56,13 @@ def lr_at(step, total_steps, peak_lr, warmup_steps):
     return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def beta_at(step, beta, warmup_steps):
-    """KL weight rising linearly from 0 to beta over warmup_steps, then constant.
+def beta_at(step, beta, warmup_steps, cycle_steps=0):
+    """KL weight rising linearly from 0 to beta over warmup_steps, then constant; with cycle_steps > 0 the ramp
+    restarts every cycle_steps steps (the authors' cyclical schedule, --beta-cycle-epochs).
 
-    Why this schedule: at the start the posterior has learnt nothing from the report yet, and a full-weight KL
-    would pull it onto the untrained prior (the posterior 'collapses' and ignores t). One monotonic ramp is
-    enough for runs of tens of epochs; the authors' cyclical schedule repeats the ramp, which matters for long
-    runs, and is a one-line change here (use step % period).
-    """
+    Why a ramp: at first the posterior has learnt nothing from the report, and a full-weight KL would pull it
+    onto the untrained prior (it 'collapses' and ignores t). study.py measures the cyclical schedule."""
+    step = step % cycle_steps if cycle_steps > 0 else step
     return beta * min(1.0, step / warmup_steps) if warmup_steps > 0 else beta
 
 
@@ -127,7 +127,7 @@ def setup(args, start_time):
     if checkpoint is None:
         args.pixel_mean, args.pixel_std = batching.pixel_statistics(cache, train_idx)
     images, tokens, labels = batching.on_device(collection, tokenizer, cache, args, device, rank == 0)
-    data.check_labels(collection, args.allow_missing_labels, rank == 0)
+    runtime.check_labels(collection, args.allow_missing_labels, rank == 0)
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
@@ -153,9 +153,10 @@ def build_model(model_config, args, device, amp, steps_per_epoch, pos_weight=Non
         model = model.to(memory_format=torch.channels_last)
     total_steps = steps_per_epoch * args.epochs
     beta_warmup_steps = int(args.beta_warmup_epochs * steps_per_epoch)
+    cycle_steps = int(getattr(args, "beta_cycle_epochs", 0) * steps_per_epoch)
     # the whole beta schedule as one device tensor: indexing it per step needs no host-to-device copy (a sync)
     # and, being a tensor, never makes torch.compile recompile for a new value
-    betas = torch.tensor([beta_at(s, args.beta, beta_warmup_steps) for s in range(total_steps)], device=device)
+    betas = torch.tensor([beta_at(s, args.beta, beta_warmup_steps, cycle_steps) for s in range(total_steps)], device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(0, total_steps, args.lr, args.warmup_steps),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

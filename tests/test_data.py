@@ -791,3 +791,35 @@ def test_demo_drawn_in_parallel_is_byte_identical_to_the_serial_draw(tmp_path):
         contents.append({str(p.relative_to(root)): p.read_bytes() for p in files})
     assert len([name for name in contents[0] if name.endswith(".png")]) > 40
     assert contents[0] == contents[1]
+
+
+def test_train_fraction_keeps_a_seeded_nested_subset_of_the_training_reports(tmp_path):
+    """--train-fraction F: round(F n) of the n training reports, with all their images; the same reports every
+    time (no run seed is involved), a smaller F a subset of a larger one; validation and test unchanged."""
+    options = {"data": "demo", "data_dir": tmp_path, "demo_reports": 80, "split_seed": 3}
+    full = data.prepare_from(options)
+    n = len(full.split_ids["train"])
+    kept = {}
+    for fraction in (0.1, 0.25, 0.5, 1.0):
+        part = data.prepare_from(options | {"train_fraction": fraction})
+        again = data.prepare_from(options | {"train_fraction": fraction})
+        assert part.split_ids == again.split_ids and np.array_equal(part.splits["train"], again.splits["train"])
+        ids = part.split_ids["train"]
+        assert len(ids) == max(1, round(fraction * n)) and set(ids) <= set(full.split_ids["train"])
+        reports = {part.reports[i].id for i in part.report_index[part.splits["train"]]}
+        assert reports == set(ids)                                              # every image of a kept report
+        assert np.array_equal(part.splits["train"], [i for i in full.splits["train"]
+                                                     if full.reports[full.report_index[i]].id in set(ids)])
+        for split in ("val", "test"):
+            assert part.split_ids[split] == full.split_ids[split]
+            assert np.array_equal(part.splits[split], full.splits[split])
+        assert part.summary["splits"]["train"] == len(ids)
+        kept[fraction] = set(ids)
+    assert kept[0.1] <= kept[0.25] <= kept[0.5] <= kept[1.0] == set(full.split_ids["train"])
+    assert data.split_hash(data.prepare_from(options | {"train_fraction": 1.0}).split_ids) == \
+        data.split_hash(full.split_ids)                                         # old runs keep their split hash
+    other = data.prepare_from(options | {"train_fraction": 0.25, "split_seed": 4})
+    assert set(other.split_ids["train"]) != kept[0.25]
+    for bad in (0.0, 1.5):
+        with pytest.raises(data.DataError, match="--train-fraction"):
+            data.prepare_from(options | {"train_fraction": bad})

@@ -149,3 +149,68 @@ def test_bce_leaves_out_unobserved_labels():
     loss.backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[..., 2] == 0).all()
     assert (logits.grad[..., :2] != 0).all()
+
+
+# ----------------------------------------------------------------------------- the authors' design choices
+
+def test_posterior_of_the_report_alone_never_reads_the_image():
+    """posterior_reads_image=False: q(z | t). Other images, same reports -> the same posterior."""
+    torch.manual_seed(0)
+    model = VKD(VKDConfig(method="vkd", posterior_reads_image=False, **SMALL)).eval()
+    x, t, _ = batch()
+    h_x, _, _ = model.encode_prior(x)
+    mu_q, logvar_q = model.encode_posterior(h_x, t)
+    other_mu_q, other_logvar_q = model.encode_posterior(torch.randn_like(h_x) * 10, t)
+    torch.testing.assert_close((mu_q, logvar_q), (other_mu_q, other_logvar_q))
+    assert model.posterior.net[0].in_features == SMALL["text_dim"]
+    default = VKD(VKDConfig(method="vkd", **SMALL)).eval()                     # q(z | x, t) does read it
+    h_x, _, _ = default.encode_prior(x)
+    assert not torch.allclose(default.encode_posterior(h_x, t)[0], default.encode_posterior(h_x + 1, t)[0])
+
+
+def test_classifier_that_reads_the_image_sees_z_and_the_image_features():
+    """classifier_reads_image=True: f([z; h_x]) for the posterior samples, the prior path and prediction."""
+    torch.manual_seed(0)
+    model = VKD(VKDConfig(method="vkd", classifier_reads_image=True, **SMALL)).eval()
+    x, t, y = batch()
+    h_x, mu_p, _ = model.encode_prior(x)
+    f = model.classifier
+    assert f.in_features == SMALL["latent_dim"] + model.image_encoder.out_dim
+    expected = torch.sigmoid(F.linear(torch.cat([mu_p, h_x], -1), f.weight, f.bias))
+    torch.testing.assert_close(model.predict(x)[0], expected)
+    z = torch.randn(3, *mu_p.shape)                                                   # (S, B, D) samples
+    torch.testing.assert_close(model.classify(z, h_x)[1], F.linear(torch.cat([z[1], h_x], -1), f.weight, f.bias))
+    assert torch.isfinite(model(x, t, y)["loss"])
+
+
+def test_kl_direction_pq_is_kl_of_the_prior_from_the_posterior():
+    """kl_direction="pq": the loss's KL is KL(p || q) (the authors' code), checked against torch.distributions."""
+    torch.manual_seed(0)
+    model = VKD(VKDConfig(method="vkd", kl_direction="pq", **SMALL)).eval()
+    x, t, y = batch()
+    h_x, mu_p, logvar_p = model.encode_prior(x)
+    mu_q, logvar_q = model.encode_posterior(h_x, t)
+    std = lambda logvar: (0.5 * logvar).exp()                                          # noqa: E731
+    p, q = Normal(mu_p, std(logvar_p)), Normal(mu_q, std(logvar_q))
+    torch.testing.assert_close(model(x, t, y)["kl"], kl_divergence(p, q).sum(-1).mean())
+    model.cfg.kl_direction = "qp"
+    torch.testing.assert_close(model(x, t, y)["kl"], kl_divergence(q, p).sum(-1).mean())
+    assert not torch.allclose(kl_divergence(p, q).sum(-1).mean(), kl_divergence(q, p).sum(-1).mean())
+
+
+def test_averaged_samples_feed_their_mean_to_the_classifier():
+    """average_samples=True: L samples z_l, then f(mean_l z_l) (the authors average 100): the noise left in the
+    mean shrinks as 1/sqrt(L)."""
+    mu, logvar = torch.zeros(4, 5), torch.zeros(4, 5)                         # sigma = 1
+    for average, shape in ((False, (100, 4, 5)), (True, (1, 4, 5))):
+        model = VKD(VKDConfig(method="vkd", average_samples=average, **SMALL))
+        torch.manual_seed(0)
+        z = model.sample(mu, logvar, 100)
+        torch.manual_seed(0)
+        assert z.shape == shape
+        torch.testing.assert_close(z, reparameterize(mu, logvar, 100).mean(0, keepdim=True) if average
+                                   else reparameterize(mu, logvar, 100))
+    torch.manual_seed(0)
+    spread = VKD(VKDConfig(method="vkd", average_samples=True, **SMALL)).sample(torch.zeros(1000, 5),
+                                                                               torch.zeros(1000, 5), 100).std()
+    assert 0.07 < spread < 0.13                                                # 1 / sqrt(100) = 0.1

@@ -36,6 +36,19 @@ def test_beta_schedule_anneals_from_zero():
     assert train.beta_at(0, 0.5, 0) == 0.5
 
 
+def test_cyclical_beta_restarts_the_ramp_every_cycle():
+    """--beta-cycle-epochs: with cycle_steps = P > 0 the ramp restarts every P steps (the authors' cyclical
+    annealing); with 0 it is the single ramp."""
+    beta, warmup, period = 0.4, 10, 25
+    for cycle in range(3):
+        start = cycle * period
+        assert train.beta_at(start, beta, warmup, cycle_steps=period) == 0.0
+        assert train.beta_at(start + 5, beta, warmup, cycle_steps=period) == pytest.approx(0.2)
+        assert train.beta_at(start + warmup, beta, warmup, cycle_steps=period) == pytest.approx(beta)
+        assert train.beta_at(start + period - 1, beta, warmup, cycle_steps=period) == pytest.approx(beta)
+    assert train.beta_at(1000, beta, warmup, cycle_steps=0) == pytest.approx(beta)       # off: one ramp
+
+
 def test_augment_keeps_shape_and_is_reproducible():
     x = torch.rand(4, 1, 16, 16)
     a = batching.augment(x, torch.Generator().manual_seed(0))
@@ -267,7 +280,8 @@ def test_model_options_default_to_the_model_config():
 def test_help_groups_every_option_and_shows_its_default(capsys):
     parser = options.build_parser(train.PRESETS)
     titles = [group.title for group in parser._action_groups if group._group_actions]
-    assert titles[-5:] == ["method", "optimisation", "data", "speed", "run management"]
+    assert titles[-7:] == ["method", "the authors' design choices (model.py; all on: --preset authors)", "model",
+                           "optimisation", "data", "speed", "run management"]
     flags = [action for action in parser._actions if action.option_strings != ["-h", "--help"]]
     assert len(flags) > 40
     assert [action.option_strings[0] for action in flags if "(default:" not in action.help] == []

@@ -1,0 +1,397 @@
+"""The study: does the report help, and when? One command trains a grid of runs and writes docs/STUDY.md.
+
+    python study.py                 # the whole grid (about 40 minutes on a 2-core CPU), then docs/STUDY.md
+    python study.py --quick         # a reduced grid in a few minutes -> runs/study-quick/STUDY.md
+    python study.py --report-only   # write the document from the runs that have finished
+
+Runs that have finished (metrics.json) are skipped and interrupted ones resumed, so a study that was stopped
+continues where it was. The document and its pictures are written from the finished runs alone.
+
+The grid, fixed before any run (nothing is chosen by looking at test numbers):
+- the learning curve: image, vkd and text on a seeded 0.1, 0.25, 0.5 and 1.0 of the training reports
+  (--train-fraction: the same reports for every method and seed), seeds 0, 1, 2;
+- ablations of vkd at ABLATION_FRACTION, each against image on the same seeds and bootstrap resamples;
+- every run the same collection, image size, epochs and batch (SETTINGS), with one thread.
+Diagnostics of every vkd run, on validation: KL(q || p) per latent dimension and the active dimensions, the
+distance of the prior and posterior means, and the macro AUROC of the teacher f(mu_q(x, t)).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+from compare import compare_runs, p_value
+from metrics import auroc_summary
+from model import gaussian_kl
+from pictures import PlotError, pyplot
+from runtime import cpu_name
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("image", "vkd", "text")
+FULL = {"fractions": (0.1, 0.25, 0.5, 1.0), "seeds": (0, 1, 2),
+        "settings": ["--data", "demo", "--demo-reports", "1500", "--image-size", "64", "--epochs", "12",
+                      "--batch-size", "64"]}
+QUICK = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("beta 1", "q(z|t)", "the authors' variant"),
+         "settings": ["--data", "demo", "--demo-reports", "400", "--image-size", "32", "--epochs", "4",
+                      "--batch-size", "32"]}
+# Every run: a label with no positive report in a small fraction is trained anyway (and counts in the test AUROC).
+COMMON = ["--allow-missing-labels"]
+# Why 0.25: distillation from privileged text is expected to matter most when labelled images are few, and at a
+# quarter of the training reports every label still has positive training reports in the demo.
+ABLATION_FRACTION = 0.25
+ABLATIONS = {                        # name -> train.py flags that change vkd's defaults
+    "beta 0.01": ["--beta", "0.01"],
+    "beta 1": ["--beta", "1"],
+    "prior weight 0": ["--prior-weight", "0"],
+    "q(z|t)": ["--posterior-input", "report"],
+    "KL(p||q)": ["--kl-direction", "pq"],
+    "f([z; h_x])": ["--classifier-input", "z+image"],
+    "cyclical beta": ["--beta-cycle-epochs", "4", "--beta-warmup-epochs", "2"],
+    "100 samples averaged": ["--latent-samples", "100", "--average-samples"],
+    "the authors' variant": ["--preset", "authors"],
+}
+DEFAULTS = "vkd (defaults)"         # the ablations' reference: vkd at ABLATION_FRACTION with no flag changed
+ACTIVE_KL = 0.01                     # nats: a latent dimension whose mean KL(q || p) is above this is active
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the reduced grid (default: the whole grid)")
+    parser.add_argument("--out", default=None, help="run folders (default: runs/study, or runs/study-quick)")
+    parser.add_argument("--doc", default=None, help="the document (default: docs/STUDY.md, or <out>/STUDY.md)")
+    parser.add_argument("--data-dir", default="data", help="where the demo collection lives (default: data)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run (default: 1)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; write the document (default: off)")
+    args = parser.parse_args(argv)
+    args.out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
+    args.doc = Path(args.doc or (args.out / "STUDY.md" if args.quick else "docs/STUDY.md"))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- grid
+
+def slug(name):
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+
+
+def grid(quick):
+    """-> ({run name: train.py flags}, learning curve {fraction: {method: [run names]}}, ablations {name: [runs]})."""
+    plan = QUICK if quick else FULL
+    seeds, common = plan["seeds"], plan["settings"] + COMMON
+    runs, curve, ablations = {}, {}, {}
+    for fraction in plan["fractions"]:
+        curve[fraction] = {}
+        for method in METHODS:
+            curve[fraction][method] = [f"f{fraction}-{method}-seed{seed}" for seed in seeds]
+            for name, seed in zip(curve[fraction][method], seeds):
+                runs[name] = common + ["--method", method, "--train-fraction", str(fraction), "--seed", str(seed)]
+    for ablation in plan.get("ablations", ABLATIONS):
+        ablations[ablation] = [f"f{ABLATION_FRACTION}-vkd-{slug(ablation)}-seed{seed}" for seed in seeds]
+        for name, seed in zip(ablations[ablation], seeds):
+            runs[name] = common + ["--method", "vkd", "--train-fraction", str(ABLATION_FRACTION), "--seed", str(seed),
+                                   *ABLATIONS[ablation]]
+    return runs, curve, ablations
+
+
+def finished(out, name):
+    return (out / name / "metrics.json").exists()
+
+
+def train_all(runs, args):
+    """Train every unfinished run (resuming an interrupted one), --jobs at a time -> names of the failed runs."""
+    todo = [name for name in runs if not finished(args.out, name)]
+    todo.sort(key=lambda name: -float(runs[name][runs[name].index("--train-fraction") + 1]))   # longest first
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs finished before; training {len(todo)}, {args.jobs} side by "
+          f"side with {args.threads} thread(s) each; logs in {args.out}/<run>/train.log")
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    def train_one(name):
+        folder = args.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if (folder / "last.pt").exists() else []
+        command = [sys.executable, str(HERE / "train.py"), *runs[name], "--data-dir", str(args.data_dir),
+                   "--out", str(folder), *resume]
+        with open(folder / "train.log", "a") as log:
+            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+    failed = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(train_one, name): name for name in todo}
+        try:
+            for future in tqdm(as_completed(futures), total=len(todo), desc="study", unit="run"):
+                if future.result() != 0:
+                    failed.append(futures[future])
+                    tqdm.write(f"run {futures[future]} failed: see {args.out / futures[future] / 'train.log'}")
+        except KeyboardInterrupt:            # Ctrl-C reached the runs too: each saved its last.pt at the exact step
+            pool.shutdown(cancel_futures=True)
+            sys.exit("\nstudy interrupted; the same command continues it (finished runs are kept, others resumed)")
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+def compare(names, evaluated, args):
+    """Paired comparison of the given runs (the image baseline first) -> compare_runs' result, or None when a
+    run has not finished."""
+    if not all(name in evaluated for name in names):
+        return None
+    paths = [args.out / name / "best.pt" for name in names]
+    return compare_runs(paths, [evaluated[name] for name in names], args.bootstrap, seed=0)
+
+
+@torch.no_grad()
+def diagnostics(path, batch_size=256):
+    """A model with a report encoder on its validation split -> KL(q || p) per latent dimension (mean over the
+    images), the number of active dimensions, the mean distance |mu_q - mu_p|, the teacher's macro AUROC."""
+    model, checkpoint = evaluate.load_checkpoint(path)
+    images, tokens, labels, _, _, splits = evaluate.load_collection(checkpoint, path, with_text=True)
+    config, idx = checkpoint["config"], splits["val"]
+    kl, distance, teacher = [], [], []
+    for start in range(0, len(idx), batch_size):
+        i = idx[start:start + batch_size]
+        x = data.normalise(torch.as_tensor(images[i]), config["pixel_mean"], config["pixel_std"])
+        t = torch.as_tensor(tokens[i])
+        h_x, mu_p, logvar_p = model.encode_prior(x)
+        mu_q, logvar_q = model.encode_posterior(h_x, t)
+        per_dim = [a.unsqueeze(-1) for a in (mu_q, logvar_q, mu_p, logvar_p)]      # sums over a size-1 axis
+        kl.append(gaussian_kl(*per_dim))                                           # (B, D)
+        distance.append((mu_q - mu_p).norm(dim=-1))                                # (B,)
+        teacher.append(model.predict_with_text(x, t))                              # (B, K)
+    kl_per_dim = torch.cat(kl).mean(0).numpy()
+    return {"kl_per_dim": kl_per_dim.tolist(), "kl": float(kl_per_dim.sum()),
+            "active_dims": int((kl_per_dim > ACTIVE_KL).sum()), "distance": float(torch.cat(distance).mean()),
+            "teacher_auroc": auroc_summary(labels[idx], torch.cat(teacher).numpy())["macro"]}
+
+
+def cell(text):
+    """A Markdown table cell: a | inside (q(z|t)) would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
+def seed_mean(values):
+    """'1.23 ± 0.04' over seeds (the std only for several)."""
+    values = np.asarray(values, dtype=np.float64)
+    return f"{values.mean():.3g}" + (f" ± {values.std(ddof=1):.2g}" if len(values) > 1 else "")
+
+
+def estimate(method, key):
+    stats = method[key]
+    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
+
+
+def difference(method, key, resamples):
+    d = method["difference"][key]
+    if d["value"] is None or d["ci95"] is None:
+        return "n/a"
+    return f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {p_value(d['p'], resamples)}"
+
+
+def verdict(method, key):
+    """'helps' / 'hurts' when the 95% interval of the difference to image excludes 0, else 'within noise'."""
+    ci = method["difference"][key]["ci95"]
+    return "n/a" if ci is None else "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "within noise"
+
+
+# --------------------------------------------------------------------------------------------- document
+
+def curve_rows(curve, evaluated, args):
+    """-> {fraction: compare_runs result of image, vkd and text at that fraction} for the finished fractions."""
+    rows = {}
+    for fraction, methods in curve.items():
+        result = compare([name for method in METHODS for name in methods[method]], evaluated, args)
+        if result is not None:
+            rows[fraction] = result
+    return rows
+
+
+def ablation_rows(curve, ablations, evaluated, args):
+    """-> {setting: the vkd group of its comparison with image at ABLATION_FRACTION}, vkd's defaults first."""
+    baseline = curve.get(ABLATION_FRACTION, {})
+    settings = {DEFAULTS: baseline.get("vkd", [])} | ablations
+    rows = {}
+    for setting, names in settings.items():
+        result = compare(baseline.get("image", []) + names, evaluated, args) if names else None
+        if result is not None:
+            rows[setting] = result["methods"][1]
+    return rows
+
+
+def findings(curve_results, ablations, diagnosed, resamples):
+    """The reading of the results, from the intervals alone: a difference whose 95% interval excludes 0 helps or
+    hurts; any other is within noise."""
+    lines = []
+    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
+        parts = [f"{fraction}: {difference(result['methods'][1], key, resamples)} ({verdict(result['methods'][1], key)})"
+                 for fraction, result in curve_results.items()]
+        lines.append(f"- **vkd − image, {metric}**, by training fraction: " + "; ".join(parts) + ".")
+    if curve_results:
+        text = [r["methods"][2]["macro_auroc"]["mean"] for r in curve_results.values()]
+        image = [r["methods"][0]["macro_auroc"]["mean"] for r in curve_results.values()]
+        lines.append(f"- **The teacher has something to teach**: `text` (reads the report) reaches {min(text):.3f} to "
+                     f"{max(text):.3f} macro AUROC over the fractions, `image` {min(image):.3f} to {max(image):.3f}.")
+    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
+        groups = {}
+        for setting, method in ablations.items():
+            groups.setdefault(verdict(method, key), []).append(setting)
+        lines.append(f"- **Ablations against image at fraction {ABLATION_FRACTION}, {metric}**: " + "; ".join(
+            f"{kind}: {', '.join(settings)}" for kind, settings in sorted(groups.items())) + ".")
+    if diagnosed:
+        active = {setting: np.mean([d["active_dims"] for d in ds]) for setting, ds in diagnosed.items()}
+        collapsed = [setting for setting, n in active.items() if n == 0]
+        low, high = min(active, key=active.get), max(active, key=active.get)
+        lines.append(f"- **Active latent dimensions** (mean KL(q || p) > {ACTIVE_KL} nats, validation, mean over seeds): "
+                     f"from {active[low]:.1f} ({low}) to {active[high]:.1f} ({high}); the posterior collapsed onto "
+                     f"the prior (no active dimension) in: {', '.join(collapsed) or 'none'}.")
+    return lines
+
+
+def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
+    resamples = args.bootstrap
+    curve_results = curve_rows(curve, evaluated, args)
+    ablation_results = ablation_rows(curve, ablations, evaluated, args)
+    first = next(iter(curve_results.values()), None)
+    lines = ["# Does the report help, and when?", "", *header, ""]
+    if first is not None:
+        lines += [f"Test split: {first['num_images']} images; 95% intervals: bootstrap over {first['num_bootstrap_units']} "
+                  f"{first['bootstrap_unit']} ({resamples} resamples), the seed mean of each method on the same resamples "
+                  f"for every comparison; p: two-sided, for no difference.", ""]
+    lines += ["## What it found", "", *findings(curve_results, ablation_results, diagnosed, resamples), "",
+              pictures(args, curve_results, ablation_results, diagnosed), ""]
+    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
+        lines += [f"## The learning curve: test {metric}", "",
+                  "| training fraction | training reports | image | vkd | text | vkd − image |", "|---|---|---|---|---|---|"]
+        for fraction, result in curve_results.items():
+            reports = json.loads((args.out / curve[fraction]["image"][0] / "run.json").read_text())
+            image, vkd, text = result["methods"]
+            lines.append(f"| {fraction} | {reports['data']['splits']['train']} | {estimate(image, key)} | "
+                         f"{estimate(vkd, key)} | {estimate(text, key)} | {difference(vkd, key, resamples)} |")
+        lines.append("")
+    lines += [f"## Ablations at training fraction {ABLATION_FRACTION}: each against image on the same seeds and resamples",
+              "", "| setting | train.py flags | macro AUROC | − image | macro AUPRC | − image |", "|---|---|---|---|---|---|"]
+    for setting, method in ablation_results.items():
+        flags = " ".join(ABLATIONS.get(setting, [])) or "(defaults)"
+        lines.append(f"| {cell(setting)} | `{flags}` | {estimate(method, 'macro_auroc')} | "
+                     f"{difference(method, 'macro_auroc', resamples)} | {estimate(method, 'macro_auprc')} | "
+                     f"{difference(method, 'macro_auprc', resamples)} |")
+    lines += ["", "## Diagnostics (validation split, mean ± std over seeds)", "",
+              "KL(q || p) in nats, summed over the latent dimensions whatever direction the run trained with; active: "
+              f"dimensions whose mean KL is above {ACTIVE_KL}; distance: mean |mu_q − mu_p|; teacher: macro AUROC of "
+              "f(mu_q(x, t)), which reads the report.", "",
+              "| setting | teacher macro AUROC | KL(q ‖ p) | active dimensions | distance |", "|---|---|---|---|---|"]
+    for setting, ds in diagnosed.items():
+        lines.append(f"| {cell(setting)} | {seed_mean([d['teacher_auroc'] for d in ds])} | {seed_mean([d['kl'] for d in ds])} | "
+                     f"{seed_mean([d['active_dims'] for d in ds])} of {len(ds[0]['kl_per_dim'])} | "
+                     f"{seed_mean([d['distance'] for d in ds])} |")
+    missing = [name for name in runs if name not in evaluated]
+    if missing:
+        lines += ["", f"Not finished, left out: {', '.join(missing)}."]
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text("\n".join(lines) + "\n")
+
+
+def pictures(args, curve_results, ablation_results, diagnosed):
+    """docs/study/*.png (matplotlib, an optional extra) -> the Markdown that shows them."""
+    try:
+        plt = pyplot()
+    except PlotError as error:
+        return f"(No pictures: {error}.)"
+    folder = args.doc.parent / "study"
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fractions = list(curve_results)
+    for ax, (key, metric) in zip(axes, keys):
+        for i, method in enumerate(METHODS):
+            stats = [result["methods"][i][key] for result in curve_results.values()]
+            mean = np.array([s["mean"] for s in stats], dtype=float)
+            error = np.abs(np.array([s["ci95"] for s in stats], dtype=float).T - mean)
+            ax.errorbar(fractions, mean, yerr=error, marker="o", capsize=3, label=method)
+        ax.set(xscale="log", xlabel="training fraction", ylabel=f"test {metric}", title=metric)
+        ax.legend()
+    for key, metric in keys:
+        diffs = [result["methods"][1]["difference"][key] for result in curve_results.values()]
+        value = np.array([d["value"] for d in diffs], dtype=float)
+        error = np.abs(np.array([d["ci95"] for d in diffs], dtype=float).T - value)
+        axes[2].errorbar(fractions, value, yerr=error, marker="o", capsize=3, label=metric)
+    axes[2].axhline(0, color="gray", lw=1)
+    axes[2].set(xscale="log", xlabel="training fraction", ylabel="vkd − image", title="vkd − image (95% interval)")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(folder / "learning-curve.png", dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(ablation_results) + 1.5))
+    names = list(ablation_results)[::-1]
+    for ax, (key, metric) in zip(axes, keys):
+        diffs = [ablation_results[name]["difference"][key] for name in names]
+        value = np.array([d["value"] for d in diffs], dtype=float)
+        error = np.abs(np.array([d["ci95"] for d in diffs], dtype=float).T - value)
+        ax.errorbar(value, range(len(names)), xerr=error, fmt="o", capsize=3)
+        ax.axvline(0, color="gray", lw=1)
+        ax.set(yticks=range(len(names)), yticklabels=names, xlabel=f"− image, test {metric}")
+    for setting, ds in diagnosed.items():
+        if setting in ablation_results or setting == f"vkd, fraction {ABLATION_FRACTION}":
+            kl = np.sort(np.mean([d["kl_per_dim"] for d in ds], axis=0))[::-1]
+            axes[2].plot(np.maximum(kl, 1e-4), label=setting.replace(f"vkd, fraction {ABLATION_FRACTION}", DEFAULTS))
+    axes[2].axhline(ACTIVE_KL, color="gray", lw=1, ls="--")
+    axes[2].set(yscale="log", xlabel="latent dimension (sorted)", ylabel="KL(q || p), validation",
+                title=f"fraction {ABLATION_FRACTION}")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "ablations.png", dpi=100)
+    plt.close(fig)
+    return "![learning curve](study/learning-curve.png)\n\n![ablations and KL per latent dimension](study/ablations.png)"
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args(argv)
+    start = time.time()
+    runs, curve, ablations = grid(args.quick)
+    plan = QUICK if args.quick else FULL
+    if not args.report_only:
+        settings = dict(zip(plan["settings"][::2], plan["settings"][1::2]))
+        print("preparing the collection once (the runs then read it side by side)")
+        collection = data.prepare("demo", args.data_dir, demo_reports=int(settings["--demo-reports"]))
+        data.image_cache(collection, int(settings["--image-size"]))
+        failed = train_all(runs, args)
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)}; the document leaves them out", file=sys.stderr)
+    done = [name for name in runs if finished(args.out, name)]
+    print(f"evaluating {len(done)} finished runs on the test split, and the vkd runs' diagnostics on validation")
+    evaluated, diagnosed = {}, {}
+    for name in tqdm(done, desc="evaluate", unit="run"):
+        evaluated[name] = evaluate.evaluate_checkpoint(args.out / name / "best.pt")
+    for setting, names in {**{f"vkd, fraction {f}": m["vkd"] for f, m in curve.items()}, **ablations}.items():
+        ds = [diagnostics(args.out / name / "best.pt") for name in names if name in evaluated]
+        if ds:
+            diagnosed[setting] = ds
+    wall = sum(json.loads((args.out / name / "run.json").read_text()).get("wall_s", 0) for name in done)
+    header = [f"Written by `python study.py{' --quick' if args.quick else ''}` from the runs in `{args.out}`; "
+              f"rerun it to check every number (finished runs are reused).", "",
+              f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}; "
+              f"{args.jobs} runs side by side, {args.threads} thread(s) each",
+              f"- time: {(time.time() - start) / 60:.0f} min for this command; the {len(done)} runs' own wall "
+              f"times add up to {wall / 60:.0f} min",
+              f"- every run: `python train.py {' '.join(plan['settings'] + COMMON)} --method M --train-fraction F "
+              f"--seed S`; seeds {', '.join(map(str, plan['seeds']))}"]
+    write_document(args, runs, curve, ablations, evaluated, diagnosed, header)
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

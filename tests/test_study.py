@@ -1,0 +1,63 @@
+"""study.py: the grid runs once, a second call reuses it, an interrupted run is resumed, and the document holds the
+learning curve, the ablations and the diagnostics; --train-fraction gives every method and seed the same reports."""
+import json
+
+import pytest
+
+import study
+
+TINY = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("q(z|t)",),
+        "settings": ["--data", "demo", "--demo-reports", "120", "--image-size", "32", "--epochs", "2",
+                     "--batch-size", "16"]}
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(study, "QUICK", TINY)
+    argv = ["--quick", "--out", str(root / "runs"), "--data-dir", str(root / "data"), "--bootstrap", "200"]
+    study.main(argv)
+    yield root, argv
+    patch.undo()
+
+
+def test_study_writes_the_learning_curve_the_ablations_and_the_diagnostics(finished_study):
+    root, _ = finished_study
+    document = (root / "runs" / "STUDY.md").read_text()
+    for heading in ("## What it found", "## The learning curve: test macro AUROC", "## The learning curve: test macro "
+                    "AUPRC", "## Ablations at training fraction 0.25", "## Diagnostics"):
+        assert heading in document
+    curve = document.split("## The learning curve: test macro AUROC")[1].split("##")[0]
+    assert "\n| 0.25 |" in curve and "\n| 1.0 |" in curve
+    ablations = document.split("## Ablations")[1].split("##")[0]
+    assert "\n| vkd (defaults) | `(defaults)` |" in ablations and "\n| q(z\\|t) | `--posterior-input report` |" in ablations
+    assert "| vkd, fraction 0.25 |" in document and " of 64 |" in document and "Not finished" not in document
+    assert (root / "runs" / "study" / "learning-curve.png").stat().st_size > 0
+
+
+def test_every_method_and_seed_trains_on_the_same_fraction_of_the_reports(finished_study):
+    root, _ = finished_study
+    train = {name: json.loads((root / "runs" / name / "splits.json").read_text())
+             for name in ("f0.25-image-seed0", "f0.25-vkd-seed0", "f0.25-text-seed0", "f0.25-vkd-q-z-t-seed0",
+                          "f1.0-image-seed0")}
+    quarter = train["f0.25-image-seed0"]
+    assert train["f0.25-vkd-seed0"] == quarter == train["f0.25-text-seed0"] == train["f0.25-vkd-q-z-t-seed0"]
+    full = train["f1.0-image-seed0"]
+    assert set(quarter["train"]) < set(full["train"]) and len(quarter["train"]) == round(len(full["train"]) / 4)
+    assert quarter["val"] == full["val"] and quarter["test"] == full["test"]
+    config = json.loads((root / "runs" / "f0.25-vkd-q-z-t-seed0" / "run.json").read_text())["config"]
+    assert config["posterior_input"] == "report" and config["train_fraction"] == 0.25
+
+
+def test_a_second_call_reuses_finished_runs_and_resumes_an_interrupted_one(finished_study, capsys):
+    root, argv = finished_study
+    run = root / "runs" / "f1.0-vkd-seed0"
+    before = {name: (root / "runs" / name / "best.pt").read_bytes() for name in ("f0.25-image-seed0", "f1.0-text-seed0")}
+    (run / "metrics.json").unlink()                        # as if stopped after its last checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study, "QUICK", TINY)
+        study.main(argv)
+    assert "6 of 7 runs finished before; training 1" in capsys.readouterr().out
+    assert "resuming" in (run / "train.log").read_text() and (run / "metrics.json").exists()
+    assert before == {name: (root / "runs" / name / "best.pt").read_bytes() for name in before}
