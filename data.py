@@ -217,9 +217,11 @@ def drop_undecodable(collection, bad):
     """Leave the samples at `bad` out of the splits (counted under skipped/bad_image). A report left with no
     image is skipped whole (skipped/no_decodable_image) and leaves split_ids, so that the split files, their
     hash and every count of the summary describe exactly what training uses."""
+    def reports_in_splits():
+        return set(collection.report_index[np.concatenate(list(collection.splits.values()))].tolist())
+    before = reports_in_splits()                  # not the training reports that --train-fraction left out
     collection.splits = {split: np.setdiff1d(idx, bad) for split, idx in collection.splits.items()}
-    kept = set(collection.report_index[np.concatenate(list(collection.splits.values()))].tolist())
-    lost = [report.id for i, report in enumerate(collection.reports) if i not in kept]
+    lost = [collection.reports[i].id for i in sorted(before - reports_in_splits())]
     collection.split_ids = {split: [rid for rid in ids if rid not in lost]
                             for split, ids in collection.split_ids.items()}
     empty = [split for split in SPLITS if not len(collection.splits[split])]

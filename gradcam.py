@@ -30,8 +30,8 @@ def grad_cam(model, x, label_index):
     hook = feature_maps_module(model).register_forward_hook(lambda module, inputs, output: captured.update(A=output))
     try:
         with torch.enable_grad():
-            _, mu_p, _ = model.encode_prior(x)
-            logit_k = model.classifier(mu_p)[:, label_index]                            # (B,)
+            h_x, mu_p, _ = model.encode_prior(x)
+            logit_k = model.classify(mu_p, h_x)[:, label_index]                         # (B,)
             (gradient,) = torch.autograd.grad(logit_k.sum(), captured["A"])             # (B, C, h, w)
     finally:
         hook.remove()

@@ -43,11 +43,12 @@ class VKDConfig:
     text_pooling: str = "mean"      # attention | mean: how token features become one report feature
     dropout: float = 0.1
     method: str = "vkd"
-    # The authors' design choices, off by default (the study, study.py, measures them one by one):
-    posterior_reads_image: bool = True     # q(z | x, t) as in eq. 1; False: q(z | t), as the authors' code
-    classifier_reads_image: bool = False   # f(z); True: f([z; h_x]), as the authors' code
-    kl_direction: str = "qp"               # KL(q || p) as in eq. 1; "pq": KL(p || q), as the authors' code
-    average_samples: bool = False          # f(z_l) averaged over the L samples; True: f(mean_l z_l), as the authors
+    # The authors' design choices, off by default (study.py measures them), with train.py's flag for each:
+    posterior_reads_image: bool = True     # q(z | x, t) of eq. 1; False: q(z | t)       (--posterior-input report)
+    classifier_reads_image: bool = False   # f(z); True: f([z; h_x])                      (--classifier-input z+image)
+    kl_direction: str = "qp"               # KL(q || p) of eq. 1; "pq": KL(p || q)       (--kl-direction pq)
+    average_samples: bool = False          # BCE averaged over the L samples; True: BCE of f(mean of the L samples)
+                                           #                                              (--average-samples)
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -289,10 +290,10 @@ class VKD(nn.Module):
         self.prior = GaussianHead(image_dim, cfg.latent_dim)                                    # p(z | x)
         self.text_encoder = TextEncoder(cfg) if cfg.method in ("vkd", "text") else None
         posterior_dim = cfg.text_dim + (image_dim if cfg.posterior_reads_image else 0)
-        self.posterior = (GaussianHead(posterior_dim, cfg.latent_dim)                            # q(z | x, t)
+        self.posterior = (GaussianHead(posterior_dim, cfg.latent_dim)                            # q(z | x, t) or q(z | t)
                           if self.text_encoder is not None else None)
         classifier_dim = cfg.latent_dim + (image_dim if cfg.classifier_reads_image else 0)
-        self.classifier = nn.Linear(classifier_dim, cfg.num_labels)                             # f(z)
+        self.classifier = nn.Linear(classifier_dim, cfg.num_labels)                             # f(z) or f([z; h_x])
         # a training choice (positive_weights), not a weight of the model: left out of the state_dict
         weight = torch.ones(cfg.num_labels) if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
         self.register_buffer("pos_weight", weight, persistent=False)
@@ -335,6 +336,7 @@ class VKD(nn.Module):
         image: loss = BCE(f(mu_p(x)))
         text:  loss = BCE(f(z_q)),  z_q ~ q(z|x,t)
         Every BCE weighs the term of a positive label by self.pos_weight (positive_weights; 1 by default).
+        The authors' switches (VKDConfig) act inside encode_posterior, classify, sample and kl.
         """
         method = self.cfg.method
         h_x, mu_p, logvar_p = self.encode_prior(x)

@@ -1,7 +1,7 @@
 """The study: does the report help, and when? One command trains a grid of runs and writes docs/STUDY.md.
 
     python study.py                 # the whole grid (about 40 minutes on a 2-core CPU), then docs/STUDY.md
-    python study.py --quick         # a reduced grid in a few minutes -> runs/study-quick/STUDY.md
+    python study.py --quick         # a reduced grid in a few minutes; STUDY.md in its run folder (--out)
     python study.py --report-only   # write the document from the runs that have finished
 
 Runs that have finished (metrics.json) are skipped and interrupted ones resumed, so a study that was stopped
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from compare import compare_runs, p_value
+import options
+from compare import NOT_THE_METHOD, compare_runs, p_value
 from metrics import auroc_summary
 from model import gaussian_kl
 from pictures import PlotError, pyplot
@@ -58,7 +59,7 @@ ABLATIONS = {                        # name -> train.py flags that change vkd's 
     "q(z|t)": ["--posterior-input", "report"],
     "KL(p||q)": ["--kl-direction", "pq"],
     "f([z; h_x])": ["--classifier-input", "z+image"],
-    "cyclical beta": ["--beta-cycle-epochs", "4", "--beta-warmup-epochs", "2"],
+    "cyclical beta": ["--beta-cycle-epochs", "6"],        # the 3-epoch ramp of the defaults, twice in 12 epochs
     "100 samples averaged": ["--latent-samples", "100", "--average-samples"],
     "the authors' variant": ["--preset", "authors"],
 }
@@ -111,6 +112,22 @@ def finished(out, name):
     return (out / name / "metrics.json").exists()
 
 
+def check_plan(runs, args):
+    """Stop when a run folder was trained with other options than the plan says (an older grid, another --out):
+    its numbers would be reported under the wrong heading."""
+    for name, flags in runs.items():
+        record = args.out / name / "run.json"
+        if not record.exists():
+            continue
+        config = json.loads(record.read_text())["config"]
+        planned = vars(options.get_args(flags + ["--out", str(args.out / name)], {"authors": options.AUTHORS}))
+        wrong = {key: (config.get(key), value) for key, value in planned.items()
+                 if key not in NOT_THE_METHOD and value is not None and config.get(key) != value}
+        if wrong:
+            sys.exit(f"error: {args.out / name} was trained with other options than the study plans "
+                     f"(option: (trained, planned)) {wrong}; delete that folder or give another --out")
+
+
 def train_all(runs, args):
     """Train every unfinished run (resuming an interrupted one), --jobs at a time -> names of the failed runs."""
     todo = [name for name in runs if not finished(args.out, name)]
@@ -150,7 +167,10 @@ def compare(names, evaluated, args):
     if not all(name in evaluated for name in names):
         return None
     paths = [args.out / name / "best.pt" for name in names]
-    return compare_runs(paths, [evaluated[name] for name in names], args.bootstrap, seed=0)
+    result = compare_runs(paths, [evaluated[name] for name in names], args.bootstrap, seed=0)
+    groups = [[names[i] for i in method["runs"]] for method in result["methods"]]
+    assert all(len(group) == len(names) // len(groups) for group in groups), f"runs grouped as {groups}"
+    return result
 
 
 @torch.no_grad()
@@ -189,8 +209,12 @@ def seed_mean(values):
 
 
 def estimate(method, key):
+    """'0.812 ± 0.010 [0.785, 0.841]': the seed mean, the std over seeds, the bootstrap interval of the mean."""
     stats = method[key]
-    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
+    if stats["mean"] is None:
+        return "n/a"
+    spread = f" ± {stats['std']:.3f}" if stats["std"] is not None else ""
+    return f"{stats['mean']:.3f}{spread} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
 
 
 def difference(method, key, resamples):
@@ -201,9 +225,9 @@ def difference(method, key, resamples):
 
 
 def verdict(method, key):
-    """'helps' / 'hurts' when the 95% interval of the difference to image excludes 0, else 'within noise'."""
+    """'above' / 'below' when the 95% interval of the difference excludes 0, else 'within noise'."""
     ci = method["difference"][key]["ci95"]
-    return "n/a" if ci is None else "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "within noise"
+    return "n/a" if ci is None else "above" if ci[0] > 0 else "below" if ci[1] < 0 else "within noise"
 
 
 # --------------------------------------------------------------------------------------------- document
@@ -219,36 +243,39 @@ def curve_rows(curve, evaluated, args):
 
 
 def ablation_rows(curve, ablations, evaluated, args):
-    """-> {setting: the vkd group of its comparison with image at ABLATION_FRACTION}, vkd's defaults first."""
+    """-> {setting: (its comparison with image, with vkd's defaults)} at ABLATION_FRACTION, vkd's defaults first.
+    Each is the second method of a paired comparison (difference = setting - image, or - vkd's defaults)."""
     baseline = curve.get(ABLATION_FRACTION, {})
-    settings = {DEFAULTS: baseline.get("vkd", [])} | ablations
+    defaults = baseline.get("vkd", [])
     rows = {}
-    for setting, names in settings.items():
-        result = compare(baseline.get("image", []) + names, evaluated, args) if names else None
-        if result is not None:
-            rows[setting] = result["methods"][1]
+    for setting, names in ({DEFAULTS: defaults} | ablations).items():
+        against_image = compare(baseline.get("image", []) + names, evaluated, args) if names else None
+        against_defaults = compare(defaults + names, evaluated, args) if setting != DEFAULTS else None
+        if against_image is not None:
+            rows[setting] = (against_image["methods"][1], against_defaults and against_defaults["methods"][1])
     return rows
 
 
 def findings(curve_results, ablations, diagnosed, resamples):
-    """The reading of the results, from the intervals alone: a difference whose 95% interval excludes 0 helps or
-    hurts; any other is within noise."""
+    """The reading of the results, from the intervals alone: a difference whose 95% interval excludes 0 is above or
+    below; any other is within noise."""
     lines = []
     for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
         parts = [f"{fraction}: {difference(result['methods'][1], key, resamples)} ({verdict(result['methods'][1], key)})"
                  for fraction, result in curve_results.items()]
         lines.append(f"- **vkd − image, {metric}**, by training fraction: " + "; ".join(parts) + ".")
-    if curve_results:
-        text = [r["methods"][2]["macro_auroc"]["mean"] for r in curve_results.values()]
-        image = [r["methods"][0]["macro_auroc"]["mean"] for r in curve_results.values()]
-        lines.append(f"- **The teacher has something to teach**: `text` (reads the report) reaches {min(text):.3f} to "
-                     f"{max(text):.3f} macro AUROC over the fractions, `image` {min(image):.3f} to {max(image):.3f}.")
+    parts = [f"{fraction}: {difference(result['methods'][2], 'macro_auroc', resamples)}"
+             for fraction, result in curve_results.items()]
+    lines.append("- **What the teacher could pass on**: text − image (text reads the report also at test time), macro "
+                 "AUROC, by training fraction: " + "; ".join(parts) + ".")
     for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
-        groups = {}
-        for setting, method in ablations.items():
-            groups.setdefault(verdict(method, key), []).append(setting)
-        lines.append(f"- **Ablations against image at fraction {ABLATION_FRACTION}, {metric}**: " + "; ".join(
-            f"{kind}: {', '.join(settings)}" for kind, settings in sorted(groups.items())) + ".")
+        for against, which in (("image", 0), (DEFAULTS, 1)):
+            groups = {}
+            for setting, pair in ablations.items():
+                if pair[which] is not None:
+                    groups.setdefault(verdict(pair[which], key), []).append(setting)
+            lines.append(f"- **Ablations against {against} at fraction {ABLATION_FRACTION}, {metric}**: " + "; ".join(
+                f"{kind}: {', '.join(settings)}" for kind, settings in sorted(groups.items())) + ".")
     if diagnosed:
         active = {setting: np.mean([d["active_dims"] for d in ds]) for setting, ds in diagnosed.items()}
         collapsed = [setting for setting, n in active.items() if n == 0]
@@ -256,6 +283,11 @@ def findings(curve_results, ablations, diagnosed, resamples):
         lines.append(f"- **Active latent dimensions** (mean KL(q || p) > {ACTIVE_KL} nats, validation, mean over seeds): "
                      f"from {active[low]:.1f} ({low}) to {active[high]:.1f} ({high}); the posterior collapsed onto "
                      f"the prior (no active dimension) in: {', '.join(collapsed) or 'none'}.")
+    intervals = 3 * len(curve_results) + sum(2 * sum(part is not None for part in pair) for pair in ablations.values())
+    lines.append(f"- **How sure**: {intervals} intervals "
+                 "are read here, each at 95% and none corrected for the others: one or two of them excluding 0 by "
+                 "chance is expected. The intervals resample the test reports; the ± after a mean is its std over "
+                 "seeds (training noise).")
     return lines
 
 
@@ -280,13 +312,19 @@ def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
             lines.append(f"| {fraction} | {reports['data']['splits']['train']} | {estimate(image, key)} | "
                          f"{estimate(vkd, key)} | {estimate(text, key)} | {difference(vkd, key, resamples)} |")
         lines.append("")
-    lines += [f"## Ablations at training fraction {ABLATION_FRACTION}: each against image on the same seeds and resamples",
-              "", "| setting | train.py flags | macro AUROC | − image | macro AUPRC | − image |", "|---|---|---|---|---|---|"]
-    for setting, method in ablation_results.items():
+    lines += [f"## Ablations at training fraction {ABLATION_FRACTION}", "",
+              "Each setting against image and against vkd with its defaults, on the same seeds and resamples. The "
+              "authors' variant turns on all of their switches (`options.AUTHORS`: q(z|t), f([z; h_x]), KL(p||q), a "
+              "cyclical beta, 100 samples averaged) and keeps everything else here (the compact CNN, beta 0.1).", "",
+              "| setting | train.py flags | macro AUROC | − image | − vkd (defaults) | macro AUPRC | − image | − vkd (defaults) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for setting, (against_image, against_defaults) in ablation_results.items():
         flags = " ".join(ABLATIONS.get(setting, [])) or "(defaults)"
-        lines.append(f"| {cell(setting)} | `{flags}` | {estimate(method, 'macro_auroc')} | "
-                     f"{difference(method, 'macro_auroc', resamples)} | {estimate(method, 'macro_auprc')} | "
-                     f"{difference(method, 'macro_auprc', resamples)} |")
+        row = [cell(setting), f"`{flags}`"]
+        for key in ("macro_auroc", "macro_auprc"):
+            row += [estimate(against_image, key), difference(against_image, key, resamples),
+                    difference(against_defaults, key, resamples) if against_defaults else "–"]
+        lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Diagnostics (validation split, mean ± std over seeds)", "",
               "KL(q || p) in nats, summed over the latent dimensions whatever direction the run trained with; active: "
               f"dimensions whose mean KL is above {ACTIVE_KL}; distance: mean |mu_q − mu_p|; teacher: macro AUROC of "
@@ -336,12 +374,12 @@ def pictures(args, curve_results, ablation_results, diagnosed):
     fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(ablation_results) + 1.5))
     names = list(ablation_results)[::-1]
     for ax, (key, metric) in zip(axes, keys):
-        diffs = [ablation_results[name]["difference"][key] for name in names]
+        diffs = [ablation_results[name][0]["difference"][key] for name in names]
         value = np.array([d["value"] for d in diffs], dtype=float)
         error = np.abs(np.array([d["ci95"] for d in diffs], dtype=float).T - value)
         ax.errorbar(value, range(len(names)), xerr=error, fmt="o", capsize=3)
         ax.axvline(0, color="gray", lw=1)
-        ax.set(yticks=range(len(names)), yticklabels=names, xlabel=f"− image, test {metric}")
+        ax.set(yticks=range(len(names)), yticklabels=names, xlabel=f"setting − image, test {metric}")
     for setting, ds in diagnosed.items():
         if setting in ablation_results or setting == f"vkd, fraction {ABLATION_FRACTION}":
             kl = np.sort(np.mean([d["kl_per_dim"] for d in ds], axis=0))[::-1]
@@ -363,6 +401,7 @@ def main(argv=None):
     start = time.time()
     runs, curve, ablations = grid(args.quick)
     plan = QUICK if args.quick else FULL
+    check_plan(runs, args)
     if not args.report_only:
         settings = dict(zip(plan["settings"][::2], plan["settings"][1::2]))
         print("preparing the collection once (the runs then read it side by side)")
@@ -380,13 +419,13 @@ def main(argv=None):
         ds = [diagnostics(args.out / name / "best.pt") for name in names if name in evaluated]
         if ds:
             diagnosed[setting] = ds
-    wall = sum(json.loads((args.out / name / "run.json").read_text()).get("wall_s", 0) for name in done)
+    epochs_s = sum(json.loads(line)["epoch_s"] for name in done for line in (args.out / name / "log.jsonl").open())
     header = [f"Written by `python study.py{' --quick' if args.quick else ''}` from the runs in `{args.out}`; "
               f"rerun it to check every number (finished runs are reused).", "",
               f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}; "
               f"{args.jobs} runs side by side, {args.threads} thread(s) each",
-              f"- time: {(time.time() - start) / 60:.0f} min for this command; the {len(done)} runs' own wall "
-              f"times add up to {wall / 60:.0f} min",
+              f"- time: {(time.time() - start) / 60:.0f} min for this command; the training epochs of the "
+              f"{len(done)} runs add up to {epochs_s / 60:.0f} min",
               f"- every run: `python train.py {' '.join(plan['settings'] + COMMON)} --method M --train-fraction F "
               f"--seed S`; seeds {', '.join(map(str, plan['seeds']))}"]
     write_document(args, runs, curve, ablations, evaluated, diagnosed, header)

@@ -823,3 +823,17 @@ def test_train_fraction_keeps_a_seeded_nested_subset_of_the_training_reports(tmp
     for bad in (0.0, 1.5):
         with pytest.raises(data.DataError, match="--train-fraction"):
             data.prepare_from(options | {"train_fraction": bad})
+
+
+def test_undecodable_images_with_a_train_fraction_count_only_the_reports_they_lose(tmp_path):
+    """The training reports that --train-fraction leaves out are not 'lost to undecodable images'."""
+    options = {"data": "demo", "data_dir": tmp_path, "demo_reports": 60, "split_seed": 0, "train_fraction": 0.25}
+    collection = data.prepare_from(options)
+    test_report = collection.reports[collection.report_index[collection.splits["test"][0]]]
+    for i in np.flatnonzero([collection.reports[r].id == test_report.id for r in collection.report_index]):
+        collection.image_paths[i].write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    data.image_cache(collection, 8)
+    assert collection.summary["skipped_ids"]["no_decodable_image"] == [test_report.id]
+    assert test_report.id not in collection.split_ids["test"]
+    assert len(collection.split_ids["train"]) == round(0.25 * len(data.prepare_from(options | {"train_fraction": 1.0})
+                                                                  .split_ids["train"]))

@@ -1,10 +1,18 @@
 """study.py: the grid runs once, a second call reuses it, an interrupted run is resumed, and the document holds the
 learning curve, the ablations and the diagnostics; --train-fraction gives every method and seed the same reports."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import study
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("q(z|t)",),
         "settings": ["--data", "demo", "--demo-reports", "120", "--image-size", "32", "--epochs", "2",
@@ -50,14 +58,39 @@ def test_every_method_and_seed_trains_on_the_same_fraction_of_the_reports(finish
     assert config["posterior_input"] == "report" and config["train_fraction"] == 0.25
 
 
-def test_a_second_call_reuses_finished_runs_and_resumes_an_interrupted_one(finished_study, capsys):
+def test_a_second_call_reuses_finished_runs_and_resumes_an_interrupted_one_exactly(finished_study, capsys):
+    """One run is replaced by the same run stopped after its first epoch: the study resumes it and ends with the
+    weights of the uninterrupted run; the finished runs are not touched."""
     root, argv = finished_study
-    run = root / "runs" / "f1.0-vkd-seed0"
-    before = {name: (root / "runs" / name / "best.pt").read_bytes() for name in ("f0.25-image-seed0", "f1.0-text-seed0")}
-    (run / "metrics.json").unlink()                        # as if stopped after its last checkpoint
+    name = "f1.0-vkd-seed0"
+    run = root / "runs" / name
+    uninterrupted = torch.load(run / "best.pt", weights_only=True)["model"]
+    before = {other: (root / "runs" / other / "best.pt").read_bytes() for other in ("f0.25-image-seed0", "f1.0-text-seed0")}
+    shutil.rmtree(run)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(study, "QUICK", TINY)
+        flags = study.grid(quick=True)[0][name]
+        subprocess.run([sys.executable, str(REPO / "train.py"), *flags, "--data-dir", str(root / "data"), "--out",
+                        str(run), "--stop-after", "1"], check=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                       capture_output=True)
+        assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
+        capsys.readouterr()
         study.main(argv)
     assert "6 of 7 runs finished before; training 1" in capsys.readouterr().out
     assert "resuming" in (run / "train.log").read_text() and (run / "metrics.json").exists()
-    assert before == {name: (root / "runs" / name / "best.pt").read_bytes() for name in before}
+    resumed = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
+    assert before == {other: (root / "runs" / other / "best.pt").read_bytes() for other in before}
+
+
+def test_a_run_trained_with_other_options_than_the_plan_stops_the_study(finished_study, tmp_path):
+    root, argv = finished_study
+    out = tmp_path / "runs"
+    shutil.copytree(root / "runs" / "f0.25-vkd-q-z-t-seed0", out / "f0.25-vkd-q-z-t-seed0")
+    record = json.loads((out / "f0.25-vkd-q-z-t-seed0" / "run.json").read_text())
+    record["config"]["posterior_input"] = "image+report"                # as if trained before the switch was set
+    (out / "f0.25-vkd-q-z-t-seed0" / "run.json").write_text(json.dumps(record))
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match="f0.25-vkd-q-z-t-seed0 was trained "
+                                                                                "with other options.*posterior_input"):
+        patch.setattr(study, "QUICK", TINY)
+        study.main(["--quick", "--out", str(out), "--data-dir", str(root / "data")])

@@ -47,6 +47,10 @@ def test_cyclical_beta_restarts_the_ramp_every_cycle():
         assert train.beta_at(start + warmup, beta, warmup, cycle_steps=period) == pytest.approx(beta)
         assert train.beta_at(start + period - 1, beta, warmup, cycle_steps=period) == pytest.approx(beta)
     assert train.beta_at(1000, beta, warmup, cycle_steps=0) == pytest.approx(beta)       # off: one ramp
+    args = train.get_args(["--beta", "0.4", "--beta-warmup-epochs", "1", "--beta-cycle-epochs", "2", "--epochs", "6"])
+    config = options.model_config(args, 14, 50)
+    *_, betas = train.build_model(config, args, torch.device("cpu"), "off", steps_per_epoch=10)
+    assert betas.tolist() == pytest.approx([0.4 * min(1, (s % 20) / 10) for s in range(60)])   # 3 cycles of 2 epochs
 
 
 def test_augment_keeps_shape_and_is_reproducible():
