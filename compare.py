@@ -26,13 +26,19 @@ NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "dat
                   "preload", "log_every", "bootstrap", "preset")       # options that do not change what is learnt
 
 
+# Options added after runs were saved, with the value those runs were trained with: a config without the key groups
+# as if it had this value (so a run saved before the option existed is still a seed of the same method).
+ADDED_OPTIONS = {"beta_cycle_epochs": 0, "posterior_input": "image+report", "classifier_input": "z", "kl_direction": "qp",
+                 "average_samples": False, "train_fraction": 1.0}
+
+
 def group_runs(configs):
     """Runs whose configs differ only in the seed (and bookkeeping such as the run folder or device) are seeds
     of one method -> [[run index, ...], ...] in order of first appearance. A seed already in a group starts a
     new group, so a run compared with itself counts as two methods."""
     groups, keys = [], []
     for i, config in enumerate(configs):
-        key = {k: v for k, v in config.items() if k not in NOT_THE_METHOD}
+        key = {k: v for k, v in (ADDED_OPTIONS | config).items() if k not in NOT_THE_METHOD}
         for group, group_key in zip(groups, keys):
             if group_key == key and all(configs[j]["seed"] != config["seed"] for j in group):
                 group.append(i)

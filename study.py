@@ -1,7 +1,7 @@
 """The study: does the report help, and when? One command trains a grid of runs and writes docs/STUDY.md.
 
     python study.py                 # the whole grid (about 40 minutes on a 2-core CPU), then docs/STUDY.md
-    python study.py --quick         # a reduced grid in a few minutes; STUDY.md in its run folder (--out)
+    python study.py --quick         # a reduced grid in a few minutes; the document goes into its --out folder
     python study.py --report-only   # write the document from the runs that have finished
 
 Runs that have finished (metrics.json) are skipped and interrupted ones resumed, so a study that was stopped
@@ -44,25 +44,28 @@ METHODS = ("image", "vkd", "text")
 FULL = {"fractions": (0.1, 0.25, 0.5, 1.0), "seeds": (0, 1, 2),
         "settings": ["--data", "demo", "--demo-reports", "1500", "--image-size", "64", "--epochs", "12",
                       "--batch-size", "64"]}
-QUICK = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("beta 1", "q(z|t)", "the authors' variant"),
-         "settings": ["--data", "demo", "--demo-reports", "400", "--image-size", "32", "--epochs", "4",
-                      "--batch-size", "32"]}
 # Every run: a label with no positive report in a small fraction is trained anyway (and counts in the test AUROC).
 COMMON = ["--allow-missing-labels"]
 # Why 0.25: distillation from privileged text is expected to matter most when labelled images are few, and at a
 # quarter of the training reports every label still has positive training reports in the demo.
 ABLATION_FRACTION = 0.25
-ABLATIONS = {                        # name -> train.py flags that change vkd's defaults
-    "beta 0.01": ["--beta", "0.01"],
-    "beta 1": ["--beta", "1"],
-    "prior weight 0": ["--prior-weight", "0"],
-    "q(z|t)": ["--posterior-input", "report"],
-    "KL(p||q)": ["--kl-direction", "pq"],
-    "f([z; h_x])": ["--classifier-input", "z+image"],
-    "cyclical beta": ["--beta-cycle-epochs", "6"],        # the 3-epoch ramp of the defaults, twice in 12 epochs
-    "100 samples averaged": ["--latent-samples", "100", "--average-samples"],
-    "the authors' variant": ["--preset", "authors"],
+ABLATIONS = {                        # name -> (method, train.py flags that change its defaults)
+    "beta 0.01": ("vkd", ["--beta", "0.01"]),
+    "beta 1": ("vkd", ["--beta", "1"]),
+    "prior weight 0": ("vkd", ["--prior-weight", "0"]),
+    "q(z|t)": ("vkd", ["--posterior-input", "report"]),
+    "KL(p||q)": ("vkd", ["--kl-direction", "pq"]),
+    "f([z; h_x])": ("vkd", ["--classifier-input", "z+image"]),
+    "cyclical beta": ("vkd", ["--beta-cycle-epochs", "6"]),    # the 3-epoch ramp of the defaults, twice in 12 epochs
+    "100 samples averaged": ("vkd", ["--latent-samples", "100", "--average-samples"]),
+    "the authors' variant": ("vkd", ["--preset", "authors"]),
+    # the control of the two settings whose classifier also reads the image features: the same classifier, no report
+    "image with f([z; h_x])": ("image", ["--classifier-input", "z+image"]),
 }
+CONTROL = "image with f([z; h_x])"
+QUICK = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("beta 1", "q(z|t)", "the authors' variant", CONTROL),
+         "settings": ["--data", "demo", "--demo-reports", "400", "--image-size", "32", "--epochs", "4",
+                      "--batch-size", "32"]}
 DEFAULTS = "vkd (defaults)"         # the ablations' reference: vkd at ABLATION_FRACTION with no flag changed
 ACTIVE_KL = 0.01                     # nats: a latent dimension whose mean KL(q || p) is above this is active
 
@@ -101,10 +104,11 @@ def grid(quick):
             for name, seed in zip(curve[fraction][method], seeds):
                 runs[name] = common + ["--method", method, "--train-fraction", str(fraction), "--seed", str(seed)]
     for ablation in plan.get("ablations", ABLATIONS):
-        ablations[ablation] = [f"f{ABLATION_FRACTION}-vkd-{slug(ablation)}-seed{seed}" for seed in seeds]
+        method, flags = ABLATIONS[ablation]
+        ablations[ablation] = [f"f{ABLATION_FRACTION}-{method}-{slug(ablation)}-seed{seed}" for seed in seeds]
         for name, seed in zip(ablations[ablation], seeds):
-            runs[name] = common + ["--method", "vkd", "--train-fraction", str(ABLATION_FRACTION), "--seed", str(seed),
-                                   *ABLATIONS[ablation]]
+            runs[name] = common + ["--method", method, "--train-fraction", str(ABLATION_FRACTION), "--seed", str(seed),
+                                   *flags]
     return runs, curve, ablations
 
 
@@ -243,20 +247,30 @@ def curve_rows(curve, evaluated, args):
 
 
 def ablation_rows(curve, ablations, evaluated, args):
-    """-> {setting: (its comparison with image, with vkd's defaults)} at ABLATION_FRACTION, vkd's defaults first.
-    Each is the second method of a paired comparison (difference = setting - image, or - vkd's defaults)."""
+    """-> {setting: (its result against image, against vkd's defaults)} at ABLATION_FRACTION, vkd's defaults
+    first; each result is a method of a paired comparison of all the finished settings at once (its difference is
+    setting - image, or setting - vkd's defaults)."""
     baseline = curve.get(ABLATION_FRACTION, {})
-    defaults = baseline.get("vkd", [])
-    rows = {}
-    for setting, names in ({DEFAULTS: defaults} | ablations).items():
-        against_image = compare(baseline.get("image", []) + names, evaluated, args) if names else None
-        against_defaults = compare(defaults + names, evaluated, args) if setting != DEFAULTS else None
-        if against_image is not None:
-            rows[setting] = (against_image["methods"][1], against_defaults and against_defaults["methods"][1])
-    return rows
+    settings = {DEFAULTS: baseline.get("vkd", [])} | ablations
+    done = {setting: names for setting, names in settings.items() if names and all(n in evaluated for n in names)}
+    runs = [name for names in done.values() for name in names]
+    against_image = compare(baseline.get("image", []) + runs, evaluated, args)
+    against_defaults = compare(runs, evaluated, args) if DEFAULTS in done else None
+    return {setting: (against_image["methods"][1 + i] if against_image else None,
+                      against_defaults["methods"][i] if against_defaults and i else None)
+            for i, setting in enumerate(done)}
 
 
-def findings(curve_results, ablations, diagnosed, resamples):
+def control_rows(ablations, evaluated, args):
+    """-> {setting: its result against CONTROL} for the settings whose classifier reads [z; h_x]: is their gain
+    the report's, or the classifier's?"""
+    settings = [setting for setting in ("f([z; h_x])", "the authors' variant") if setting in ablations]
+    groups = [ablations[setting] for setting in (CONTROL, *settings)] if CONTROL in ablations and settings else []
+    result = compare([name for group in groups for name in group], evaluated, args) if groups else None
+    return {} if result is None else dict(zip(settings, result["methods"][1:]))
+
+
+def findings(curve_results, ablations, controls, diagnosed, resamples):
     """The reading of the results, from the intervals alone: a difference whose 95% interval excludes 0 is above or
     below; any other is within noise."""
     lines = []
@@ -276,6 +290,11 @@ def findings(curve_results, ablations, diagnosed, resamples):
                     groups.setdefault(verdict(pair[which], key), []).append(setting)
             lines.append(f"- **Ablations against {against} at fraction {ABLATION_FRACTION}, {metric}**: " + "; ".join(
                 f"{kind}: {', '.join(settings)}" for kind, settings in sorted(groups.items())) + ".")
+    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
+        if controls:
+            lines.append(f"- **Against the image baseline with the same classifier** ({CONTROL}), {metric}: " + "; ".join(
+                f"{setting}: {difference(method, key, resamples)} ({verdict(method, key)})"
+                for setting, method in controls.items()) + ".")
     if diagnosed:
         active = {setting: np.mean([d["active_dims"] for d in ds]) for setting, ds in diagnosed.items()}
         collapsed = [setting for setting, n in active.items() if n == 0]
@@ -283,7 +302,8 @@ def findings(curve_results, ablations, diagnosed, resamples):
         lines.append(f"- **Active latent dimensions** (mean KL(q || p) > {ACTIVE_KL} nats, validation, mean over seeds): "
                      f"from {active[low]:.1f} ({low}) to {active[high]:.1f} ({high}); the posterior collapsed onto "
                      f"the prior (no active dimension) in: {', '.join(collapsed) or 'none'}.")
-    intervals = 3 * len(curve_results) + sum(2 * sum(part is not None for part in pair) for pair in ablations.values())
+    intervals = 3 * len(curve_results) + sum(2 * sum(part is not None for part in pair) for pair in ablations.values()) \
+        + 2 * len(controls)
     lines.append(f"- **How sure**: {intervals} intervals "
                  "are read here, each at 95% and none corrected for the others: one or two of them excluding 0 by "
                  "chance is expected. The intervals resample the test reports; the ± after a mean is its std over "
@@ -295,13 +315,14 @@ def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
     resamples = args.bootstrap
     curve_results = curve_rows(curve, evaluated, args)
     ablation_results = ablation_rows(curve, ablations, evaluated, args)
+    controls = control_rows(ablations, evaluated, args)
     first = next(iter(curve_results.values()), None)
     lines = ["# Does the report help, and when?", "", *header, ""]
     if first is not None:
         lines += [f"Test split: {first['num_images']} images; 95% intervals: bootstrap over {first['num_bootstrap_units']} "
                   f"{first['bootstrap_unit']} ({resamples} resamples), the seed mean of each method on the same resamples "
                   f"for every comparison; p: two-sided, for no difference.", ""]
-    lines += ["## What it found", "", *findings(curve_results, ablation_results, diagnosed, resamples), "",
+    lines += ["## What it found", "", *findings(curve_results, ablation_results, controls, diagnosed, resamples), "",
               pictures(args, curve_results, ablation_results, diagnosed), ""]
     for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
         lines += [f"## The learning curve: test {metric}", "",
@@ -319,12 +340,19 @@ def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
               "| setting | train.py flags | macro AUROC | − image | − vkd (defaults) | macro AUPRC | − image | − vkd (defaults) |",
               "|---|---|---|---|---|---|---|---|"]
     for setting, (against_image, against_defaults) in ablation_results.items():
-        flags = " ".join(ABLATIONS.get(setting, [])) or "(defaults)"
+        method, flags = ABLATIONS.get(setting, ("vkd", []))
+        flags = " ".join((["--method", method] if method != "vkd" else []) + flags) or "(defaults)"
         row = [cell(setting), f"`{flags}`"]
         for key in ("macro_auroc", "macro_auprc"):
-            row += [estimate(against_image, key), difference(against_image, key, resamples),
+            row += [estimate(against_image, key) if against_image else "–",
+                    difference(against_image, key, resamples) if against_image else "–",
                     difference(against_defaults, key, resamples) if against_defaults else "–"]
         lines.append("| " + " | ".join(row) + " |")
+    if controls:
+        lines += ["", f"Against the image baseline with the same classifier ({cell(CONTROL)}):", "",
+                  "| setting | − that baseline, macro AUROC | − that baseline, macro AUPRC |", "|---|---|---|"]
+        lines += [f"| {cell(setting)} | {difference(method, 'macro_auroc', resamples)} | "
+                  f"{difference(method, 'macro_auprc', resamples)} |" for setting, method in controls.items()]
     lines += ["", "## Diagnostics (validation split, mean ± std over seeds)", "",
               "KL(q || p) in nats, summed over the latent dimensions whatever direction the run trained with; active: "
               f"dimensions whose mean KL is above {ACTIVE_KL}; distance: mean |mu_q − mu_p|; teacher: macro AUROC of "
@@ -372,7 +400,7 @@ def pictures(args, curve_results, ablation_results, diagnosed):
     fig.savefig(folder / "learning-curve.png", dpi=100)
     plt.close(fig)
     fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(ablation_results) + 1.5))
-    names = list(ablation_results)[::-1]
+    names = [name for name in ablation_results if ablation_results[name][0] is not None][::-1]
     for ax, (key, metric) in zip(axes, keys):
         diffs = [ablation_results[name][0]["difference"][key] for name in names]
         value = np.array([d["value"] for d in diffs], dtype=float)
@@ -415,17 +443,21 @@ def main(argv=None):
     evaluated, diagnosed = {}, {}
     for name in tqdm(done, desc="evaluate", unit="run"):
         evaluated[name] = evaluate.evaluate_checkpoint(args.out / name / "best.pt")
-    for setting, names in {**{f"vkd, fraction {f}": m["vkd"] for f, m in curve.items()}, **ablations}.items():
+    with_report = {setting: names for setting, names in ablations.items() if ABLATIONS[setting][0] == "vkd"}
+    for setting, names in {**{f"vkd, fraction {f}": m["vkd"] for f, m in curve.items()}, **with_report}.items():
         ds = [diagnostics(args.out / name / "best.pt") for name in names if name in evaluated]
         if ds:
             diagnosed[setting] = ds
     epochs_s = sum(json.loads(line)["epoch_s"] for name in done for line in (args.out / name / "log.jsonl").open())
+    span_s = (max((args.out / name / "metrics.json").stat().st_mtime for name in done)
+              - min((args.out / name / "splits.json").stat().st_mtime for name in done)) if done else 0
     header = [f"Written by `python study.py{' --quick' if args.quick else ''}` from the runs in `{args.out}`; "
               f"rerun it to check every number (finished runs are reused).", "",
               f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}; "
               f"{args.jobs} runs side by side, {args.threads} thread(s) each",
-              f"- time: {(time.time() - start) / 60:.0f} min for this command; the training epochs of the "
-              f"{len(done)} runs add up to {epochs_s / 60:.0f} min",
+              f"- time: the {len(done)} runs trained in {span_s / 60:.0f} min, from the first start to the last end "
+              f"(their epochs add up to {epochs_s / 60:.0f} min); this command took {(time.time() - start) / 60:.0f} "
+              f"min (evaluation, diagnostics, this document, and the runs it trained)",
               f"- every run: `python train.py {' '.join(plan['settings'] + COMMON)} --method M --train-fraction F "
               f"--seed S`; seeds {', '.join(map(str, plan['seeds']))}"]
     write_document(args, runs, curve, ablations, evaluated, diagnosed, header)

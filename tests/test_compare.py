@@ -20,6 +20,13 @@ def test_runs_differing_only_in_the_seed_are_one_method():
     assert group_runs(configs) == [[0, 3], [1, 2], [4], [5]]   # a repeated seed is a new method
 
 
+def test_a_run_saved_before_an_option_existed_groups_with_runs_at_its_default():
+    old = {"method": "vkd", "beta": 0.1, "seed": 0}
+    new = old | {"seed": 1, "kl_direction": "qp", "train_fraction": 1.0, "posterior_input": "image+report"}
+    authors = old | {"seed": 2, "kl_direction": "pq"}
+    assert group_runs([old, new, authors]) == [[0, 1], [2]]
+
+
 def fake_run(y, p, seed, method="vkd", unit="reports"):
     checkpoint = {"config": config(method=method, seed=seed), "split_sha256": "s", "epoch": 2,
                   "label_names": ["A", "B", "C"]}

@@ -14,7 +14,7 @@ import study
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("q(z|t)",),
+TINY = {"fractions": (0.25, 1.0), "seeds": (0,), "ablations": ("q(z|t)", "f([z; h_x])", study.CONTROL),
         "settings": ["--data", "demo", "--demo-reports", "120", "--image-size", "32", "--epochs", "2",
                      "--batch-size", "16"]}
 
@@ -40,6 +40,8 @@ def test_study_writes_the_learning_curve_the_ablations_and_the_diagnostics(finis
     assert "\n| 0.25 |" in curve and "\n| 1.0 |" in curve
     ablations = document.split("## Ablations")[1].split("##")[0]
     assert "\n| vkd (defaults) | `(defaults)` |" in ablations and "\n| q(z\\|t) | `--posterior-input report` |" in ablations
+    assert "\n| f0.25-image" not in document and "`--method image --classifier-input z+image`" in ablations
+    assert "Against the image baseline with the same classifier" in ablations and "\n| f([z; h_x]) | " in ablations
     assert "| vkd, fraction 0.25 |" in document and " of 64 |" in document and "Not finished" not in document
     assert (root / "runs" / "study" / "learning-curve.png").stat().st_size > 0
 
@@ -76,7 +78,7 @@ def test_a_second_call_reuses_finished_runs_and_resumes_an_interrupted_one_exact
         assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
         capsys.readouterr()
         study.main(argv)
-    assert "6 of 7 runs finished before; training 1" in capsys.readouterr().out
+    assert "8 of 9 runs finished before; training 1" in capsys.readouterr().out
     assert "resuming" in (run / "train.log").read_text() and (run / "metrics.json").exists()
     resumed = torch.load(run / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
