@@ -1,6 +1,6 @@
 """The study: does the report help, and when? One command trains a grid of runs and writes docs/STUDY.md.
 
-    python study.py                 # the whole grid (about 40 minutes on a 2-core CPU), then docs/STUDY.md
+    python study.py                 # the whole grid (66 runs, about 21 minutes on a 2-core CPU), then docs/STUDY.md
     python study.py --quick         # a reduced grid in a few minutes; the document goes into its --out folder
     python study.py --report-only   # write the document from the runs that have finished
 
@@ -10,8 +10,9 @@ continues where it was. The document and its pictures are written from the finis
 The grid, fixed before any run (nothing is chosen by looking at test numbers):
 - the learning curve: image, vkd and text on a seeded 0.1, 0.25, 0.5 and 1.0 of the training reports
   (--train-fraction: the same reports for every method and seed), seeds 0, 1, 2;
-- ablations of vkd at ABLATION_FRACTION, each against image on the same seeds and bootstrap resamples;
-- every run the same collection, image size, epochs and batch (SETTINGS), with one thread.
+- ablations of vkd at ABLATION_FRACTION (ABLATIONS), each against image and against vkd's defaults on the same
+  seeds and bootstrap resamples, and the image baseline with the classifier of two of them (CONTROL);
+- every run the same collection, image size, epochs and batch (FULL["settings"]), with one thread.
 Diagnostics of every vkd run, on validation: KL(q || p) per latent dimension and the active dimensions, the
 distance of the prior and posterior means, and the macro AUROC of the teacher f(mu_q(x, t)).
 """

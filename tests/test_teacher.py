@@ -58,6 +58,9 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert (given.text_pooling, given.pos_weight) == ("mean", "none")
     assert train.get_args(["--preset", "tiny"]).epochs == 8 and train.get_args(["--preset", "tiny"]).max_len == 64
     assert set(options.DATA_DEFAULTS) == {"demo", "openi", "mimic"}
+    assert (openi.epochs, demo.epochs, train.get_args(["--data", "openi", "--epochs", "5"]).epochs) == (30, None, 5)
+    # a resumed run keeps its saved options: no collection default may replace them
+    assert train.get_args(["--data", "openi", "--resume", "--out", "runs/x"]).epochs is None
 
 
 def test_old_config_without_the_new_options_gets_the_old_model():
