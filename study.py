@@ -1,7 +1,7 @@
 """The study: does the report help, and when? One command trains a grid of runs and writes docs/STUDY.md.
 
     python study.py                 # the whole grid (66 runs, about 21 minutes on a 2-core CPU), then docs/STUDY.md
-    python study.py --quick         # a reduced grid in a few minutes; the document goes into its --out folder
+    python study.py --quick         # a reduced grid in 1.5 minutes; the document goes into its --out folder
     python study.py --report-only   # write the document from the runs that have finished
 
 Runs that have finished (metrics.json) are skipped and interrupted ones resumed, so a study that was stopped
