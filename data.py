@@ -187,6 +187,8 @@ def keep_train_fraction(collection, fraction, seed):
     method and seed, a smaller F a subset of a larger one (a learning curve); validation and test unchanged."""
     if not 0 < fraction <= 1:
         raise DataError(f"--train-fraction {fraction}: give a fraction in (0, 1]")
+    if fraction == 1:
+        return collection                         # all of them: nothing to draw or recount at start-up
     ids, train = collection.split_ids["train"], collection.splits["train"]
     order = np.random.default_rng([seed, 1]).permutation(len(ids))
     keep = {ids[i] for i in order[:max(1, round(fraction * len(ids)))]}

@@ -124,7 +124,10 @@ def check_plan(runs, args):
         record = args.out / name / "run.json"
         if not record.exists():
             continue
-        config = json.loads(record.read_text())["config"]
+        try:
+            config = json.loads(record.read_text())["config"]
+        except (ValueError, KeyError) as error:
+            sys.exit(f"error: {record} cannot be read ({error!r}); delete {record.parent} to train that run again")
         planned = vars(options.get_args(flags + ["--out", str(args.out / name)], {"authors": options.AUTHORS}))
         wrong = {key: (config.get(key), value) for key, value in planned.items()
                  if key not in NOT_THE_METHOD and value is not None and config.get(key) != value}

@@ -96,3 +96,7 @@ def test_a_run_trained_with_other_options_than_the_plan_stops_the_study(finished
                                                                                 "with other options.*posterior_input"):
         patch.setattr(study, "QUICK", TINY)
         study.main(["--quick", "--out", str(out), "--data-dir", str(root / "data")])
+    (out / "f0.25-vkd-q-z-t-seed0" / "run.json").write_text('{"config": {"beta"')     # cut short
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match="run.json cannot be read"):
+        patch.setattr(study, "QUICK", TINY)
+        study.main(["--quick", "--out", str(out), "--data-dir", str(root / "data")])
