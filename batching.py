@@ -61,14 +61,16 @@ def place_images(cache, device, preload="auto", chunk=4096):
 
 def on_device(collection, tokenizer, cache, args, device, main_process=True):
     """The collection ready for training: images (N, S, S) uint8 (on the device, or the memory-mapped cache:
-    place_images), report tokens (N, T) and labels (N, K), NaN = not observed. Warns when reports are cut."""
+    place_images), report tokens (N, T), labels (N, K), NaN = not observed, and with --group-by-length the
+    length of every report (N,) on the CPU, else None. Warns when reports are cut."""
     images = place_images(cache, device, args.preload)
-    tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len)).to(device)
-    labels = torch.from_numpy(collection.labels).to(device)
+    tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len))
+    lengths = (tokens != 0).sum(1) if getattr(args, "group_by_length", False) else None
+    tokens, labels = tokens.to(device), torch.from_numpy(collection.labels).to(device)
     truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
     if truncated > 0.05 and main_process:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
-    return images, tokens, labels
+    return images, tokens, labels, lengths
 
 
 # --------------------------------------------------------------------------------------- an epoch's order
@@ -84,27 +86,55 @@ def epoch_generator(seed, epoch, stream, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(state))
 
 
-def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1):
+def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1, lengths=None):
     """This process's training samples for one epoch, (steps * batch_size / world_size,).
 
     One permutation (the SHUFFLE stream of (seed, epoch)), the same in every process, is cut into global
     batches of batch_size (the incomplete last one dropped: static shapes); each process takes its contiguous
-    1/world_size of every global batch, so N processes see exactly the batches one would."""
+    1/world_size of every global batch, so N processes see exactly the batches one would. With `lengths`
+    (--group-by-length), the global batches are formed by group_by_length instead."""
     shuffle = epoch_generator(seed, epoch, SHUFFLE)
     order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)]
     steps = len(order) // batch_size
-    return order[:steps * batch_size].view(steps, world_size, -1)[:, rank].reshape(-1)
+    order = order[:steps * batch_size]
+    if lengths is not None:
+        order = group_by_length(order, lengths, batch_size, shuffle)
+    return order.view(steps, world_size, -1)[:, rank].reshape(-1)
 
 
-def batches(images, tokens, labels, order, batch_size):
+def group_by_length(order, lengths, batch_size, generator, window=50):
+    """Global batches of reports of similar length, so that a batch cut to its longest report (batch_tokens) is
+    mostly report, not padding: the shuffled order is cut into windows of `window` batches, each window is
+    sorted by report length and cut into batches, and the batches of the epoch are shuffled.
+
+    The price: the reports sharing a batch are no longer independent draws (long reports, which are more often
+    abnormal, come together). lengths: (N,) tokens of every sample's report, on the CPU."""
+    grouped = []
+    for part in order.split(window * batch_size):                   # whole batches: len(order) % batch_size == 0
+        grouped += part[torch.argsort(lengths[part], stable=True)].split(batch_size)
+    return torch.cat([grouped[i] for i in torch.randperm(len(grouped), generator=generator)])
+
+
+def batch_tokens(tokens, idx, lengths=None, idx_cpu=None, multiple=16):
+    """The batch's report tokens (B, T); with `lengths` (--group-by-length) only their first columns, up to the
+    batch's longest report rounded up to `multiple` (a handful of shapes for torch.compile and cuDNN). The
+    report encoder ignores padding, so the cut changes no output; it saves the work on padding."""
+    if lengths is None:
+        return tokens[idx]
+    width = multiple * math.ceil(int(lengths[idx_cpu].max()) / multiple)
+    return tokens[idx, :width]
+
+
+def batches(images, tokens, labels, order, batch_size, lengths=None):
     """(x (B, S, S) uint8, t (B, T), y (B, K)) for each batch of `order`, gathered by indexing whole batches out
-    of tensors already on the device: no workers, no copies, no host sync."""
+    of tensors already on the device: no workers, no copies, no host sync (with `lengths`, one per epoch)."""
+    order_cpu = order.cpu() if lengths is not None else order             # lengths live on the CPU
     for start in range(0, len(order) - batch_size + 1, batch_size):
         idx = order[start:start + batch_size]
-        yield images[idx], tokens[idx], labels[idx]
+        yield images[idx], batch_tokens(tokens, idx, lengths, order_cpu[start:start + batch_size]), labels[idx]
 
 
-def streamed_batches(cache, tokens, labels, order, batch_size):
+def streamed_batches(cache, tokens, labels, order, batch_size, lengths=None):
     """As `batches`, for a memory-mapped cache that was not preloaded (larger than half the free memory).
 
     The images of batch i+1 are read into one of two staging buffers and, on CUDA, their copy from pinned
@@ -112,7 +142,7 @@ def streamed_batches(cache, tokens, labels, order, batch_size):
     the GPU's work on the steps already queued. A buffer is refilled only after its previous copy has finished
     (a CUDA event). On a CPU the buffer is the batch: the uint8 images yielded are valid for one step."""
     device, num_batches = tokens.device, len(order) // batch_size
-    order_cpu = order.cpu().numpy()
+    order_cpu = order.cpu()
     pinned = device.type == "cuda"
     buffers = [torch.empty((batch_size, *cache.shape[1:]), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
     copied = [None, None]
@@ -121,7 +151,7 @@ def streamed_batches(cache, tokens, labels, order, batch_size):
         buffer = buffers[i % 2]
         if copied[i % 2] is not None:                  # its copy of batch i-2 must be done before we overwrite it
             copied[i % 2].synchronize()
-        buffer.numpy()[:] = cache[order_cpu[i * batch_size:(i + 1) * batch_size]]
+        buffer.numpy()[:] = cache[order_cpu[i * batch_size:(i + 1) * batch_size].numpy()]
         x = buffer.to(device, non_blocking=True)
         if pinned:
             copied[i % 2] = torch.cuda.Event()
@@ -134,7 +164,7 @@ def streamed_batches(cache, tokens, labels, order, batch_size):
         if i + 1 < num_batches:
             x_next = start_copy(i + 1)
         idx = order[i * batch_size:(i + 1) * batch_size]
-        yield x, tokens[idx], labels[idx]
+        yield x, batch_tokens(tokens, idx, lengths, order_cpu[i * batch_size:(i + 1) * batch_size]), labels[idx]
 
 
 # ---------------------------------------------------------------------------------------- augmentation

@@ -85,6 +85,7 @@ class Run:
     images: object                  # (N, S, S) uint8: a device tensor, or the memory-mapped cache (streamed)
     tokens: torch.Tensor            # (N, T) report token ids, 0 = padding
     labels: torch.Tensor            # (N, K), NaN = not observed
+    lengths: torch.Tensor           # (N,) report tokens, on the CPU, with --group-by-length; else None
     model: VKD
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -126,7 +127,7 @@ def setup(args, start_time):
     train_idx = collection.splits["train"]
     if checkpoint is None:
         args.pixel_mean, args.pixel_std = batching.pixel_statistics(cache, train_idx)
-    images, tokens, labels = batching.on_device(collection, tokenizer, cache, args, device, rank == 0)
+    images, tokens, labels, lengths = batching.on_device(collection, tokenizer, cache, args, device, rank == 0)
     runtime.check_labels(collection, args.allow_missing_labels, rank == 0)
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
@@ -137,8 +138,8 @@ def setup(args, start_time):
                                                             pos_weight)
     run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size, device=device, amp=amp,
               collection=collection, split_sha256=split_sha256, images=images, tokens=tokens, labels=labels,
-              model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast, betas=betas,
-              steps_per_epoch=steps_per_epoch, start_time=start_time)
+              lengths=lengths, model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
+              betas=betas, steps_per_epoch=steps_per_epoch, start_time=start_time)
     untrained = restore(run, checkpoint)
     run.record = {"config": vars(args), "environment": runtime.environment(device), "model": describe(model),
                   "split_sha256": split_sha256, "data": collection.summary, "amp": amp, "world_size": world_size,
@@ -220,7 +221,7 @@ def train_epoch(run, epoch, stop, interrupted=None):
     total_steps = run.steps_per_epoch * args.epochs
     # shuffle and augmentation draw from their own generators of (seed, epoch): a resumed run repeats them
     order = batching.epoch_order(run.collection.splits["train"], args.seed, epoch, args.batch_size, run.rank,
-                                 run.world_size).to(device)
+                                 run.world_size, run.lengths).to(device)
     augment_rng = batching.epoch_generator(args.seed, epoch, batching.AUGMENT, device) if not args.no_augment else None
     sums = torch.zeros(5, device=device)          # loss parts and non-finite steps, summed on the device: no sync
     done = 0                                      # steps of this epoch already taken
@@ -230,7 +231,7 @@ def train_epoch(run, epoch, stop, interrupted=None):
         if augment_rng is not None:
             augment_rng.set_state(interrupted["augment_rng"])
     gather = batching.batches if torch.is_tensor(run.images) else batching.streamed_batches
-    epoch_batches = gather(run.images, run.tokens, run.labels, order[done * local_batch:], local_batch)
+    epoch_batches = gather(run.images, run.tokens, run.labels, order[done * local_batch:], local_batch, run.lengths)
     run.model.train()
     epoch_start = time.time()
     bar = tqdm(epoch_batches, total=run.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{args.epochs}",

@@ -163,3 +163,20 @@ def test_resume_from_a_damaged_last_checkpoint_says_so(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
     with pytest.raises(train.data.DataError, match=r"last.pt was refused: not a whole checkpoint"):
         train.train(train.get_args(["--out", str(tmp_path), "--resume"]))
+
+
+def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted, tmp_path, monkeypatch):
+    """OpenI's defaults: batches grouped by report length (their order comes from the epoch's seeded generator)
+    and word dropout (it draws from the saved RNG state) still give an exact resume after a Ctrl-C mid-epoch."""
+    _, data_dir = uninterrupted
+    options = TINY + ["--data-dir", str(data_dir), "--epochs", "2", "--group-by-length", "--word-dropout", "0.2",
+                      "--method", "text"]
+    train.train(train.get_args(options + ["--out", str(tmp_path / "whole")]))
+    steps = steps_per_epoch(tmp_path / "whole")
+    monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.get_args(options + ["--out", str(tmp_path / "stopped")]))
+    monkeypatch.delenv("VKD_TEST_SIGNAL_AT_STEP")
+    train.train(train.get_args(["--out", str(tmp_path / "stopped"), "--resume"]))
+    assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+    assert json.loads((tmp_path / "whole" / "run.json").read_text())["config"]["group_by_length"]

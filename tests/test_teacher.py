@@ -59,6 +59,10 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert train.get_args(["--preset", "tiny"]).epochs == 8 and train.get_args(["--preset", "tiny"]).max_len == 64
     assert set(options.DATA_DEFAULTS) == {"demo", "openi", "mimic"}
     assert (openi.epochs, demo.epochs, train.get_args(["--data", "openi", "--epochs", "5"]).epochs) == (30, None, 5)
+    assert (openi.text_dim, openi.text_layers, openi.word_dropout, openi.group_by_length) == (128, 1, 0.2, True)
+    assert (demo.text_dim, demo.text_layers, demo.word_dropout, demo.group_by_length) == (64, 2, 0.0, False)
+    assert not train.get_args(["--data", "openi", "--no-group-by-length"]).group_by_length
+    assert options.model_config(openi, 14, 2000).word_dropout == 0.2                # reaches the model
     # a resumed run keeps its saved options: no collection default may replace them
     assert train.get_args(["--data", "openi", "--resume", "--out", "runs/x"]).epochs is None
 
@@ -121,6 +125,24 @@ def test_padding_never_changes_the_report_feature(pooling):
     changed = t.clone()
     changed[0, 0] = (t[0, 0] % 49) + 1                                           # a real token changes
     assert not torch.allclose(encoder(changed)[0], h[0])
+
+
+def test_word_dropout_replaces_words_by_unk_in_training_only():
+    from model import PAD, UNK
+    tokenizer = data.train_tokenizer(["no acute disease", "small left effusion"], 60)
+    assert (tokenizer.token_to_id("[PAD]"), tokenizer.token_to_id("[UNK]")) == (PAD, UNK)
+    torch.manual_seed(0)
+    encoder = TextEncoder(VKDConfig(**SMALL, word_dropout=0.5))
+    seen = []
+    encoder.token_embedding.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    t, _ = reports()
+    t[0, 0] = UNK
+    encoder.train()(t)
+    dropped = seen[-1] != t
+    assert (seen[-1][dropped] == UNK).all() and (t[dropped] > UNK).all()          # words only, never padding
+    assert 0.3 < dropped.sum() / (t > UNK).sum() < 0.7
+    encoder.eval()(t)
+    assert torch.equal(seen[-1], t)                                               # evaluation reads every word
 
 
 def test_attention_pooling_can_attend_to_one_token():

@@ -79,6 +79,40 @@ def test_shuffling_and_augmentation_draw_from_separate_streams():
     assert torch.equal(batching.epoch_order(train_idx, 0, 1, 8), expected)
 
 
+def test_group_by_length_batches_similar_reports_and_cuts_only_padding():
+    rng = np.random.default_rng(0)
+    lengths = torch.from_numpy(rng.integers(1, 100, 400))
+    tokens = torch.zeros(400, 112, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = torch.arange(1, n + 1)
+    train_idx = np.arange(10, 400)
+    plain = batching.epoch_order(train_idx, 0, 1, 16)
+    grouped = batching.epoch_order(train_idx, 0, 1, 16, lengths=lengths)
+    assert torch.equal(grouped.sort().values, plain.sort().values)           # the same samples, once each
+    assert torch.equal(batching.epoch_order(train_idx, 0, 1, 16, lengths=lengths), grouped)   # seeded
+    assert not torch.equal(batching.epoch_order(train_idx, 0, 2, 16, lengths=lengths), grouped)
+
+    def spread(order):                                       # mean over batches of (longest - shortest report)
+        per_batch = lengths[order].view(-1, 16)
+        return (per_batch.max(1).values - per_batch.min(1).values).float().mean()
+    assert spread(grouped) < spread(plain) / 4
+    # two processes take the halves of the same global batches
+    halves = [batching.epoch_order(train_idx, 0, 1, 16, rank, 2, lengths) for rank in range(2)]
+    assert torch.equal(torch.stack([h.view(-1, 8) for h in halves], 1).reshape(-1), grouped)
+    labels = torch.rand(400, 2)
+    images = torch.zeros(400, 4, 4, dtype=torch.uint8)
+    cut = list(batching.batches(images, tokens, labels, grouped, 16, lengths))
+    full = list(batching.batches(images, tokens, labels, grouped, 16))
+    for (_, t_cut, y_cut), (_, t_full, y_full) in zip(cut, full):            # cut to the longest, rounded up to 16
+        longest = int((t_full != 0).sum(1).max())
+        assert t_cut.shape[1] % 16 == 0 and longest <= t_cut.shape[1] < longest + 16
+        assert torch.equal(t_full[:, :t_cut.shape[1]], t_cut) and (t_full[:, t_cut.shape[1]:] == 0).all()
+        assert torch.equal(y_cut, y_full)
+    cache = images.numpy()
+    streamed = [t.clone() for _, t, _ in batching.streamed_batches(cache, tokens, labels, grouped, 16, lengths)]
+    assert all(torch.equal(a, b) for a, b in zip(streamed, [t for _, t, _ in cut]))
+
+
 def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
     """`text` never reads the prior head: under DDP its parameters would wait for gradients that never come."""
     t, y = torch.randint(1, 50, (2, 6)), torch.ones(2, 3)
