@@ -107,31 +107,33 @@ def group_by_length(order, lengths, batch_size, generator, window=50):
     mostly report, not padding: the shuffled order is cut into windows of `window` batches, each window is
     sorted by report length and cut into batches, and the batches of the epoch are shuffled.
 
-    The price: the reports sharing a batch are no longer independent draws (long reports, which are more often
-    abnormal, come together). lengths: (N,) tokens of every sample's report, on the CPU."""
+    The price: the reports sharing a batch are no longer independent draws. Long reports, which are more often
+    abnormal, come together; and when an epoch has few more batches than a window (OpenI: 79), the sort spans
+    most of it, so many reports meet the same batch-mates again the next epoch. lengths: (N,) on the CPU."""
     grouped = []
     for part in order.split(window * batch_size):                   # whole batches: len(order) % batch_size == 0
         grouped += part[torch.argsort(lengths[part], stable=True)].split(batch_size)
     return torch.cat([grouped[i] for i in torch.randperm(len(grouped), generator=generator)])
 
 
-def batch_tokens(tokens, idx, lengths=None, idx_cpu=None, multiple=16):
-    """The batch's report tokens (B, T); with `lengths` (--group-by-length) only their first columns, up to the
-    batch's longest report rounded up to `multiple` (a handful of shapes for torch.compile and cuDNN). The
-    report encoder ignores padding, so the cut changes no output; it saves the work on padding."""
-    if lengths is None:
+def batch_tokens(tokens, idx, batch_lengths=None, multiple=16):
+    """The batch's report tokens (B, T); given its reports' lengths (--group-by-length), only the first columns,
+    up to its longest report rounded up to `multiple` (a handful of shapes for torch.compile). The report encoder
+    ignores padding, so in evaluation the cut changes no output; in training the dropout masks, drawn per
+    column, differ."""
+    if batch_lengths is None:
         return tokens[idx]
-    width = multiple * math.ceil(int(lengths[idx_cpu].max()) / multiple)
-    return tokens[idx, :width]
+    return tokens[idx, :multiple * math.ceil(int(batch_lengths.max()) / multiple)]
 
 
 def batches(images, tokens, labels, order, batch_size, lengths=None):
     """(x (B, S, S) uint8, t (B, T), y (B, K)) for each batch of `order`, gathered by indexing whole batches out
     of tensors already on the device: no workers, no copies, no host sync (with `lengths`, one per epoch)."""
-    order_cpu = order.cpu() if lengths is not None else order             # lengths live on the CPU
+    order_cpu = order.cpu() if lengths is not None else None           # the lengths live on the CPU
     for start in range(0, len(order) - batch_size + 1, batch_size):
         idx = order[start:start + batch_size]
-        yield images[idx], batch_tokens(tokens, idx, lengths, order_cpu[start:start + batch_size]), labels[idx]
+        batch_lengths = lengths[order_cpu[start:start + batch_size]] if lengths is not None else None
+        yield images[idx], batch_tokens(tokens, idx, batch_lengths), labels[idx]
 
 
 def streamed_batches(cache, tokens, labels, order, batch_size, lengths=None):
@@ -164,7 +166,8 @@ def streamed_batches(cache, tokens, labels, order, batch_size, lengths=None):
         if i + 1 < num_batches:
             x_next = start_copy(i + 1)
         idx = order[i * batch_size:(i + 1) * batch_size]
-        yield x, batch_tokens(tokens, idx, lengths, order_cpu[i * batch_size:(i + 1) * batch_size]), labels[idx]
+        batch_lengths = lengths[order_cpu[i * batch_size:(i + 1) * batch_size]] if lengths is not None else None
+        yield x, batch_tokens(tokens, idx, batch_lengths), labels[idx]
 
 
 # ---------------------------------------------------------------------------------------- augmentation

@@ -24,9 +24,9 @@ AUTHORS = {"posterior_input": "report", "classifier_input": "z+image", "kl_direc
 # normal ones: the report length comes from the training reports (max_len None), attention pooling can pick out
 # the word, and positives are weighted by sqrt(negatives / positives). OpenI has only 2,600 training reports, and
 # on its validation splits (split seeds 0, 1, 2) a transformer of one layer, 128 wide, with word dropout 0.2 read
-# them best, and 30 epochs scored higher than 20 (see docs/RESULTS.md). Its batches group reports of similar
-# length (--group-by-length): a batch is 55 tokens wide on average instead of 144. The demo keeps the settings its
-# numbers were measured with; MIMIC-CXR (not measured here) keeps the encoder of the other collections.
+# them best, and 30 epochs did better than 20 in one run (see docs/RESULTS.md). Its batches group reports of
+# similar length (--group-by-length), which cuts most of their padding. The demo keeps the settings its numbers
+# were measured with; MIMIC-CXR (not measured here) keeps the encoder of the other collections.
 DATA_DEFAULTS = {
     "demo": {"max_len": 64, "text_pooling": "mean", "pos_weight": "none"},
     "openi": {"epochs": 30, "text_dim": 128, "text_layers": 1, "word_dropout": 0.2, "group_by_length": True},
@@ -73,12 +73,14 @@ def build_parser(presets, description=None):
     add("--pos-weight", default="sqrt", choices=["sqrt", "none"],
         help="weight of a positive label in the BCE: sqrt(negatives / positives) of the training split, or 1 "
              "(default: sqrt; demo: none)")
-    add("--text-dim", type=int, default=MODEL.text_dim, help=f"transformer width (default: {MODEL.text_dim})")
-    add("--text-layers", type=int, default=MODEL.text_layers, help=f"transformer layers (default: {MODEL.text_layers})")
+    add("--text-dim", type=int, default=MODEL.text_dim,
+        help=f"transformer width (default: {MODEL.text_dim}; openi: 128)")
+    add("--text-layers", type=int, default=MODEL.text_layers,
+        help=f"transformer layers (default: {MODEL.text_layers}; openi: 1)")
     add("--dropout", type=float, default=MODEL.dropout, help=f"transformer dropout (default: {MODEL.dropout})")
     add("--word-dropout", type=float, default=MODEL.word_dropout,
         help=f"probability that a report token is replaced by [UNK] in training (default: {MODEL.word_dropout}; "
-             f"openi, mimic: see DATA_DEFAULTS)")
+             f"openi: 0.2)")
     add = parser.add_argument_group("optimisation").add_argument
     add("--epochs", type=int, default=None, help="training epochs (default: 12; openi: 30; or the resumed run's)")
     add("--batch-size", type=int, default=64, help="images per step, over all processes (default: 64)")
@@ -102,8 +104,7 @@ def build_parser(presets, description=None):
     add("--channels-last", action="store_true", help="channels_last memory format, faster convs on GPUs (default: off)")
     add("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
         help="batch reports of similar length and cut each batch's padding (batching.group_by_length): the report "
-             "encoder's work falls to about the median report's; batches are then not independent draws "
-             "(default: off; openi, mimic: on)")
+             "encoder skips most padding; batches are then not independent draws (default: off; openi: on)")
     add = parser.add_argument_group("run management").add_argument
     add("--preset", default=None, choices=sorted(presets),
         help=f"option defaults of a preset: {presets} (default: none)")

@@ -85,7 +85,7 @@ class Run:
     images: object                  # (N, S, S) uint8: a device tensor, or the memory-mapped cache (streamed)
     tokens: torch.Tensor            # (N, T) report token ids, 0 = padding
     labels: torch.Tensor            # (N, K), NaN = not observed
-    lengths: torch.Tensor           # (N,) report tokens, on the CPU, with --group-by-length; else None
+    lengths: torch.Tensor | None    # (N,) report tokens, on the CPU, with --group-by-length; else None
     model: VKD
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer

@@ -22,9 +22,11 @@ def test_runs_differing_only_in_the_seed_are_one_method():
 
 def test_a_run_saved_before_an_option_existed_groups_with_runs_at_its_default():
     old = {"method": "vkd", "beta": 0.1, "seed": 0}
-    new = old | {"seed": 1, "kl_direction": "qp", "train_fraction": 1.0, "posterior_input": "image+report"}
+    new = old | {"seed": 1, "kl_direction": "qp", "train_fraction": 1.0, "posterior_input": "image+report",
+                 "group_by_length": False, "word_dropout": 0.0}
     authors = old | {"seed": 2, "kl_direction": "pq"}
-    assert group_runs([old, new, authors]) == [[0, 1], [2]]
+    grouped = old | {"seed": 3, "group_by_length": True}
+    assert group_runs([old, new, authors, grouped]) == [[0, 1], [2], [3]]
 
 
 def fake_run(y, p, seed, method="vkd", unit="reports"):

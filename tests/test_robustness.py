@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import runtime
 import train
 
@@ -171,7 +172,12 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
     _, data_dir = uninterrupted
     options = TINY + ["--data-dir", str(data_dir), "--epochs", "2", "--group-by-length", "--word-dropout", "0.2",
                       "--method", "text"]
+    cut = batching.batch_tokens
+    grouped = []                                         # whether each batch came with its reports' lengths
+    monkeypatch.setattr(batching, "batch_tokens", lambda tokens, idx, batch_lengths=None:
+                        grouped.append(batch_lengths is not None) or cut(tokens, idx, batch_lengths))
     train.train(train.get_args(options + ["--out", str(tmp_path / "whole")]))
+    assert grouped and all(grouped)                      # train.py passes the lengths on to every batch
     steps = steps_per_epoch(tmp_path / "whole")
     monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
     with pytest.raises(KeyboardInterrupt):
@@ -179,4 +185,3 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
     monkeypatch.delenv("VKD_TEST_SIGNAL_AT_STEP")
     train.train(train.get_args(["--out", str(tmp_path / "stopped"), "--resume"]))
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
-    assert json.loads((tmp_path / "whole" / "run.json").read_text())["config"]["group_by_length"]

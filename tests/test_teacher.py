@@ -71,6 +71,7 @@ def test_old_config_without_the_new_options_gets_the_old_model():
     old = Namespace(latent_dim=8, backbone="cnn", cnn_width=4, max_len=12, text_dim=16, text_layers=1,
                     dropout=0.1, method="text")
     assert options.model_config(old, 14, 50).text_pooling == "mean"
+    assert options.model_config(old, 14, 50).word_dropout == 0.0
 
 
 # --------------------------------------------------------------------------------- what the tokenizer reads

@@ -96,6 +96,12 @@ def test_group_by_length_batches_similar_reports_and_cuts_only_padding():
         per_batch = lengths[order].view(-1, 16)
         return (per_batch.max(1).values - per_batch.min(1).values).float().mean()
     assert spread(grouped) < spread(plain) / 4
+    order = torch.from_numpy(train_idx[:384])                               # 24 batches, windows of 2 batches
+    small = batching.group_by_length(order, lengths, 16, torch.Generator().manual_seed(0), window=2)
+    window_of = {int(i): k // 32 for k, i in enumerate(order)}
+    assert torch.equal(small.sort().values, order.sort().values)
+    assert all(len({window_of[int(i)] for i in batch}) == 1 for batch in small.view(-1, 16))   # never mixed
+    assert not all(window_of[int(b[0])] == k // 2 for k, b in enumerate(small.view(-1, 16)))  # batches shuffled
     # two processes take the halves of the same global batches
     halves = [batching.epoch_order(train_idx, 0, 1, 16, rank, 2, lengths) for rank in range(2)]
     assert torch.equal(torch.stack([h.view(-1, 8) for h in halves], 1).reshape(-1), grouped)
