@@ -107,7 +107,7 @@ def group_by_length(order, lengths, batch_size, generator, window=50):
     mostly report, not padding: the shuffled order is cut into windows of `window` batches, each window is
     sorted by report length and cut into batches, and the batches of the epoch are shuffled.
 
-    The price: the reports sharing a batch are no longer independent draws. Long reports, which are more often
+    The price: the reports sharing a batch are not independent draws. Long reports, which are more often
     abnormal, come together; and when an epoch has few more batches than a window (OpenI: 79), the sort spans
     most of it, so many reports meet the same batch-mates again the next epoch. lengths: (N,) on the CPU."""
     grouped = []
