@@ -196,8 +196,9 @@ class TextEncoder(nn.Module):
         B, T = t.shape
         assert T <= self.position_embedding.num_embeddings, f"{T} tokens > max_len"
         padding = t == PAD                                                        # (B, T), True = ignore
-        if self.training and self.word_dropout > 0:
-            t = t.masked_fill((torch.rand(t.shape, device=t.device) < self.word_dropout) & (t > UNK), UNK)
+        if self.training and self.word_dropout > 0:                              # word dropout, never on [PAD]
+            dropped = (torch.rand(t.shape, device=t.device) < self.word_dropout) & (t > UNK)        # (B, T)
+            t = t.masked_fill(dropped, UNK)
         positions = torch.arange(T, device=t.device)
         h = self.token_embedding(t) + self.position_embedding(positions)[None]  # (B, T, C)
         h = self.norm(self.encoder(h, src_key_padding_mask=padding))             # (B, T, C)

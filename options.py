@@ -35,6 +35,14 @@ DATA_DEFAULTS = {
 }
 
 
+def probability(text):
+    """An argparse type: a float p with 0 <= p < 1 (p = 1 would replace every report word)."""
+    p = float(text)
+    if not 0 <= p < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1)")
+    return p
+
+
 def build_parser(presets, description=None):
     """The options of train.py, grouped; `presets` (train.PRESETS) are named sets of defaults (--preset NAME)."""
     parser = argparse.ArgumentParser(description=description)
@@ -79,7 +87,7 @@ def build_parser(presets, description=None):
     add("--text-layers", type=int, default=MODEL.text_layers,
         help=f"transformer layers (default: {MODEL.text_layers}; openi: 1)")
     add("--dropout", type=float, default=MODEL.dropout, help=f"transformer dropout (default: {MODEL.dropout})")
-    add("--word-dropout", type=float, default=MODEL.word_dropout,
+    add("--word-dropout", type=probability, default=MODEL.word_dropout,
         help=f"probability that a report token is replaced by [UNK] in training (default: {MODEL.word_dropout}; "
              f"openi: 0.2)")
     add = parser.add_argument_group("optimisation").add_argument

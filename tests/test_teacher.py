@@ -63,6 +63,9 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert (demo.text_dim, demo.text_layers, demo.word_dropout, demo.group_by_length) == (64, 2, 0.0, False)
     assert not train.get_args(["--data", "openi", "--no-group-by-length"]).group_by_length
     assert options.model_config(openi, 14, 2000).word_dropout == 0.2                # reaches the model
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):                                             # argparse names the flag
+            train.get_args(["--word-dropout", bad])
     # a resumed run keeps its saved options: no collection default may replace them
     assert train.get_args(["--data", "openi", "--resume", "--out", "runs/x"]).epochs is None
 
