@@ -61,17 +61,24 @@ def place_images(cache, device, preload="auto", chunk=4096):
 
 def on_device(collection, tokenizer, cache, args, device, main_process=True):
     """The collection ready for training: images (N, S, S) uint8 (on the device, or the memory-mapped cache:
-    place_images), report tokens (N, T), labels (N, K), NaN = not observed, and with --group-by-length the
-    length of every report (N,) on the CPU, else None. Warns when reports are cut."""
+    place_images), report tokens (N, T), labels (N, K), NaN = not observed, and the length of every report
+    (N,) on the CPU with --group-by-length, else None (report_lengths). Warns when reports are cut."""
     images = place_images(cache, device, args.preload)
     tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len))
-    lengths = (tokens != 0).sum(1) if getattr(args, "group_by_length", False) else None
+    lengths = report_lengths(tokens, args)
     tokens, labels = tokens.to(device), torch.from_numpy(collection.labels).to(device)
     truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
     if truncated > 0.05 and main_process:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
     return images, tokens, labels, lengths
 
+
+def report_lengths(tokens, args):
+    """(N,) tokens per report, on the CPU, for --group-by-length; else None. None for `--method image` too: it
+    reads no report, so grouping would save it nothing and only make its batches less random."""
+    if not getattr(args, "group_by_length", False) or getattr(args, "method", None) == "image":
+        return None
+    return (tokens != 0).sum(1)
 
 # --------------------------------------------------------------------------------------- an epoch's order
 

@@ -113,8 +113,8 @@ def build_parser(presets, description=None):
     add("--channels-last", action="store_true", help="channels_last memory format, faster convs on GPUs (default: off)")
     add("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
         help="batch reports of similar length and cut each batch's padding (batching.group_by_length): the report "
-             "encoder skips the padding beyond each batch's longest report; batches are then not independent draws "
-             "(default: off; openi: on)")
+             "encoder skips the padding beyond each batch's longest report; batches are then not independent draws; "
+             "never with --method image, which reads no report (default: off; openi: on)")
     add = parser.add_argument_group("run management").add_argument
     add("--preset", default=None, choices=sorted(presets),
         help=f"option defaults of a preset: {presets} (default: none)")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import batching
 import data
 import options
 import train
@@ -62,6 +63,10 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert (openi.text_dim, openi.text_layers, openi.word_dropout, openi.group_by_length) == (128, 1, 0.2, True)
     assert (demo.text_dim, demo.text_layers, demo.word_dropout, demo.group_by_length) == (64, 2, 0.0, False)
     assert not train.get_args(["--data", "openi", "--no-group-by-length"]).group_by_length
+    tokens = torch.tensor([[5, 6, 0], [7, 0, 0]])
+    assert batching.report_lengths(tokens, openi).tolist() == [2, 1]
+    assert batching.report_lengths(tokens, train.get_args(["--data", "openi", "--method", "image"])) is None
+    assert batching.report_lengths(tokens, demo) is None
     assert options.model_config(openi, 14, 2000).word_dropout == 0.2                # reaches the model
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(SystemExit):                                             # argparse names the flag
