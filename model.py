@@ -15,16 +15,13 @@ q(z | x, t) (posterior_reads_image), f([z; h_x]) instead of f(z) (classifier_rea
 Methods sharing this code: `vkd` (the above plus a BCE on prior samples), `image` (BCE on f(mu_p(x)) only: the
 baseline VKD must beat), `text` (BCE on posterior samples only: an upper bound that reads the report).
 """
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-from reports import DataError
+from backbones import TorchvisionEncoder
 
 METHODS = ("vkd", "image", "text")
 PAD, UNK = 0, 1                     # token ids of [PAD] and [UNK] (data.train_tokenizer)
@@ -44,6 +41,8 @@ class VKDConfig:
     text_pooling: str = "mean"      # attention | mean: how token features become one report feature
     dropout: float = 0.1
     word_dropout: float = 0.0       # training only: each report token becomes [UNK] with this probability
+    sentence_shuffle: bool = False  # training only: each report's sentences in a random order (shuffle_sentences)
+    sentence_end: int = -1          # the token id that ends a sentence, "." (train.py reads it from the tokenizer)
     method: str = "vkd"
     # The authors' design choices, off by default (study.py measures them), with train.py's flag for each:
     posterior_reads_image: bool = True     # q(z | x, t) of eq. 1; False: q(z | t)       (--posterior-input report)
@@ -88,91 +87,13 @@ class ImageEncoder(nn.Module):
         return self.stages(self.stem(x)).mean(dim=(2, 3))                    # global average pool: (B, 8w)
 
 
-class TorchvisionEncoder(nn.Module):
-    """resnet18 / densenet121 from torchvision for gray radiographs: (B, 1, H, W) -> (B, out_dim).
-
-    weights: None (random init), "imagenet" (torchvision's IMAGENET1K_V1 through its weights API: read from
-    torch.hub.get_dir()/checkpoints/, downloaded there once), or the path of a local torchvision state_dict.
-    The modules are the same for all three, so a checkpoint loads into VKD(cfg) with no weights (no download).
-
-    Gray input: the network keeps its 3-channel first conv and sees x replicated to RGB, which is exactly a
-    1-channel conv with the weights summed over RGB. ImageNet weights expect u_c = (p - mean_c) / std_c for a
-    pixel p in [0, 1] (the same p in R, G, B for a gray image); the model gets x = (p - m) / s (data.normalise,
-    m, s the training split's pixel mean and std, which the model is not given), so
-
-        u_c = (s x + m - mean_c) / std_c.
-
-    On loading ImageNet weights, the first conv's input channel c is divided by std_c: the channel-dependent
-    part of u_c, folded in exactly. What remains, a factor s shared by all channels and a constant
-    sum_c W_c (m - mean_c) / std_c per output channel, is removed by the BatchNorm right after the bias-free
-    first conv (resnet bn1, densenet norm0) as it trains on batch statistics: BN(a h + b) = BN(h) for a > 0.
-    Not removed: the pixels within reach of the first conv's zero padding (0 there means p = m, not mean_c),
-    BN's eps, and the ImageNet running statistics until fine-tuning has updated them. A local file is loaded
-    as it is (x replicated), as its expected normalisation is unknown.
-    """
-
-    IMAGENET = "imagenet"
-
-    def __init__(self, name, weights=None):
-        super().__init__()
-        net = getattr(torchvision.models, name)(weights=None)
-        if weights == self.IMAGENET:
-            state, source, std = self.imagenet_state(name)
-            self.load(net, name, state, source, std)
-        elif weights:
-            self.load(net, name, self.local_state(weights), str(weights))
-        if name.startswith("resnet"):
-            self.out_dim, net.fc = net.fc.in_features, nn.Identity()
-        else:
-            self.out_dim, net.classifier = net.classifier.in_features, nn.Identity()
-        self.net = net
-
-    @staticmethod
-    def imagenet_state(name):
-        """-> (torchvision's ImageNet state_dict for `name`, its file, ImageNet's per-channel std)."""
-        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        folder = Path(torch.hub.get_dir()) / "checkpoints"             # where torch.hub keeps downloads
-        file_name = weights.url.rsplit("/", 1)[-1]
-        try:
-            state = weights.get_state_dict(progress=True, map_location="cpu", weights_only=True)
-        except OSError as error:                                        # offline, proxy, HTTP error
-            raise DataError(f"--backbone-weights imagenet: {file_name} is not in {folder} and cannot be "
-                            f"downloaded ({error}); download {weights.url} on a machine with internet and put "
-                            f"it into {folder} (TORCH_HOME moves that folder)") from error
-        return state, str(folder / file_name), weights.transforms().std
-
-    @staticmethod
-    def local_state(path):
-        if not Path(path).is_file():
-            raise DataError(f"--backbone-weights {path}: no such file (give imagenet or a torchvision state_dict)")
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    @staticmethod
-    def load(net, name, state, source, std=None):
-        """Load a torchvision state_dict into `net`; with `std`, divide the first conv's input channel c by std[c]."""
-        # torchvision's published densenet files use old key names ("norm.1" for "norm1")
-        state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.(\d)", r"\1\2", k): v for k, v in state.items()}
-        expected = net.state_dict()
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        shapes = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise DataError(f"{source} is not a torchvision {name} state_dict: {len(missing)} missing keys "
-                            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
-        if std is not None:
-            first = next(n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
-            state[first] = state[first] / torch.tensor(std).view(1, 3, 1, 1)    # (C_out, 3, k, k)
-        net.load_state_dict(state)
-
-    def forward(self, x):
-        return self.net(x.expand(-1, 3, -1, -1))                             # gray -> RGB, see the docstring
-
-
 class TextEncoder(nn.Module):
     """Transformer over report tokens: (B, T) ids -> (B, text_dim), pooled over the non-padding tokens by
     attention (AttentionPooling) or by their mean (text_pooling="mean").
 
-    Word dropout (cfg.word_dropout, training only): each token of a report is replaced by [UNK] with probability
-    p, so that the teacher cannot lean on any one word; with 2,600 training reports (OpenI) it overfits otherwise.
+    Two augmentations, in training only, against overfitting 2,600 training reports (OpenI): word dropout
+    (cfg.word_dropout: each token becomes [UNK] with probability p, so the teacher cannot lean on any one word) and
+    sentence shuffling (cfg.sentence_shuffle: a report's findings do not depend on the order of its sentences).
 
     Attention runs over the T tokens of each report (batch_first=True), never across the reports of a batch,
     and positional embeddings are indexed by token position, not batch position. The authors' code got both
@@ -191,10 +112,14 @@ class TextEncoder(nn.Module):
         assert cfg.text_pooling in ("attention", "mean"), f"text_pooling: attention or mean, not {cfg.text_pooling!r}"
         self.pool = AttentionPooling(cfg.text_dim, cfg.text_heads) if cfg.text_pooling == "attention" else None
         self.word_dropout = cfg.word_dropout
+        assert not cfg.sentence_shuffle or cfg.sentence_end >= 0, "sentence_shuffle needs sentence_end, the id of '.'"
+        self.sentence_end = cfg.sentence_end if cfg.sentence_shuffle else None
 
     def forward(self, t):
         B, T = t.shape
         assert T <= self.position_embedding.num_embeddings, f"{T} tokens > max_len"
+        if self.training and self.sentence_end is not None:
+            t = shuffle_sentences(t, self.sentence_end)
         padding = t == PAD                                                        # (B, T), True = ignore
         if self.training and self.word_dropout > 0:                              # word dropout, never on [PAD]
             dropped = (torch.rand(t.shape, device=t.device) < self.word_dropout) & (t > UNK)        # (B, T)
@@ -206,6 +131,16 @@ class TextEncoder(nn.Module):
             return self.pool(h, padding)                                         # (B, C)
         keep = (~padding).unsqueeze(-1).to(h.dtype)
         return (h * keep).sum(1) / keep.sum(1).clamp(min=1)                      # mean: (B, C)
+
+
+def shuffle_sentences(t, end):
+    """Report tokens (B, T) with each report's sentences in a random order; a sentence ends at the token `end`
+    (the last one may not), and the padding stays at the end. Draws from the global RNG, as dropout does."""
+    ends = (t == end).long()
+    sentence = ends.cumsum(1) - ends                                          # (B, T): the sentence of each token
+    key = torch.rand(t.shape, device=t.device).gather(1, sentence)            # (B, T): one random key per sentence
+    key = key.masked_fill(t == PAD, 2.0)                                      # above every key: padding sorts last
+    return t.gather(1, key.argsort(dim=1, stable=True))                       # stable: a sentence keeps its order
 
 
 class AttentionPooling(nn.Module):
@@ -386,12 +321,8 @@ class VKD(nn.Module):
         return torch.sigmoid(self.classify(mu_q, h_x).float())
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def describe(model):
-    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
-    return ", ".join(f"{name} {count_parameters(m) / 1e6:.2f}M" for name, m in parts.items() if m is not None) + \
-        f", total {count_parameters(model) / 1e6:.2f}M"
+    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder, "total": model}
+    return ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for name, m in parts.items()
+                     if m is not None)
 

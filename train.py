@@ -132,10 +132,10 @@ def setup(args, start_time):
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(train_idx)} training images < --batch-size {args.batch_size}; lower it")
-    model_config = options.model_config(args, len(collection.label_names), tokenizer.get_vocab_size())
+    model_config = options.model_config(args, len(collection.label_names), tokenizer.get_vocab_size(),
+                                        tokenizer.token_to_id("."))
     pos_weight = positive_weights(collection.labels[train_idx], getattr(args, "pos_weight", "none"))
-    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch,
-                                                            pos_weight)
+    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch, pos_weight)
     run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size, device=device, amp=amp,
               collection=collection, split_sha256=split_sha256, images=images, tokens=tokens, labels=labels,
               lengths=lengths, model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast,

@@ -23,7 +23,7 @@ def test_runs_differing_only_in_the_seed_are_one_method():
 def test_a_run_saved_before_an_option_existed_groups_with_runs_at_its_default():
     old = {"method": "vkd", "beta": 0.1, "seed": 0}
     new = old | {"seed": 1, "kl_direction": "qp", "train_fraction": 1.0, "posterior_input": "image+report",
-                 "group_by_length": False, "word_dropout": 0.0}
+                 "group_by_length": False, "word_dropout": 0.0, "sentence_shuffle": False}
     authors = old | {"seed": 2, "kl_direction": "pq"}
     grouped = old | {"seed": 3, "group_by_length": True}
     assert group_runs([old, new, authors, grouped]) == [[0, 1], [2], [3]]

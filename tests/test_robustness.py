@@ -167,17 +167,19 @@ def test_resume_from_a_damaged_last_checkpoint_says_so(tmp_path):
 
 
 def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted, tmp_path, monkeypatch):
-    """OpenI's defaults: batches grouped by report length (their order comes from the epoch's seeded generator)
-    and word dropout (it draws from the saved RNG state) still give an exact resume after a Ctrl-C mid-epoch."""
+    """OpenI's defaults: batches grouped by report length (their order comes from the epoch's seeded generator),
+    word dropout and sentence shuffling (they draw from the saved RNG state) still give an exact resume after a
+    Ctrl-C mid-epoch."""
     _, data_dir = uninterrupted
     options = TINY + ["--data-dir", str(data_dir), "--epochs", "2", "--group-by-length", "--word-dropout", "0.2",
-                      "--method", "text"]
+                      "--sentence-shuffle", "--method", "text"]
     cut = batching.batch_tokens
     grouped = []                                         # whether each batch came with its reports' lengths
     monkeypatch.setattr(batching, "batch_tokens", lambda tokens, idx, batch_lengths=None:
                         grouped.append(batch_lengths is not None) or cut(tokens, idx, batch_lengths))
     train.train(train.get_args(options + ["--out", str(tmp_path / "whole")]))
     assert grouped and all(grouped)                      # train.py passes the lengths on to every batch
+    assert torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model_config"]["sentence_shuffle"]
     steps = steps_per_epoch(tmp_path / "whole")
     monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
     with pytest.raises(KeyboardInterrupt):

@@ -63,6 +63,11 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert (openi.text_dim, openi.text_layers, openi.word_dropout, openi.group_by_length) == (128, 1, 0.2, True)
     assert (demo.text_dim, demo.text_layers, demo.word_dropout, demo.group_by_length) == (64, 2, 0.0, False)
     assert not train.get_args(["--data", "openi", "--no-group-by-length"]).group_by_length
+    assert openi.sentence_shuffle and not demo.sentence_shuffle
+    assert not train.get_args(["--data", "openi", "--no-sentence-shuffle"]).sentence_shuffle
+    tokenizer = data.train_tokenizer(["no acute disease. normal heart."], 60)
+    shuffled = options.model_config(openi, 14, 60, tokenizer.token_to_id("."))
+    assert shuffled.sentence_shuffle and shuffled.sentence_end == tokenizer.token_to_id(".") > 1
     tokens = torch.tensor([[5, 6, 0], [7, 0, 0]])
     assert batching.report_lengths(tokens, openi).tolist() == [2, 1]
     assert batching.report_lengths(tokens, train.get_args(["--data", "openi", "--method", "image"])) is None
@@ -80,6 +85,7 @@ def test_old_config_without_the_new_options_gets_the_old_model():
                     dropout=0.1, method="text")
     assert options.model_config(old, 14, 50).text_pooling == "mean"
     assert options.model_config(old, 14, 50).word_dropout == 0.0
+    assert not options.model_config(old, 14, 50).sentence_shuffle
 
 
 # --------------------------------------------------------------------------------- what the tokenizer reads
@@ -152,6 +158,38 @@ def test_word_dropout_replaces_words_by_unk_in_training_only():
     assert 0.3 < dropped.sum() / (t > UNK).sum() < 0.7
     encoder.eval()(t)
     assert torch.equal(seen[-1], t)                                               # evaluation reads every word
+
+
+def test_sentence_shuffle_reorders_whole_sentences_in_training_only():
+    from model import shuffle_sentences
+    dot = 9
+    t = torch.tensor([[2, 3, dot, 4, dot, 5, 6, 7, 0, 0],        # three sentences, the last without "."
+                      [8, dot, 0, 0, 0, 0, 0, 0, 0, 0]])         # one sentence
+    sentences = [[2, 3, dot], [4, dot], [5, 6, 7]]
+    torch.manual_seed(0)
+    orders = set()
+    for _ in range(200):
+        out = shuffle_sentences(t, dot)
+        assert out[1].tolist() == t[1].tolist() and out[0, 8:].tolist() == [0, 0]    # padding stays at the end
+        row, order = out[0, :8].tolist(), []
+        while row:                                               # the row is the three sentences, each whole
+            first = next(s for s in sentences if row[:len(s)] == s)
+            order.append(sentences.index(first))
+            row = row[len(first):]
+        orders.add(tuple(order))
+    assert len(orders) == 6                                      # every order of three sentences occurs
+    config = VKDConfig(**SMALL, sentence_shuffle=True, sentence_end=dot)
+    torch.manual_seed(0)
+    encoder = TextEncoder(config)
+    seen = []
+    encoder.token_embedding.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    torch.manual_seed(1)
+    encoder.train()(t)
+    assert not torch.equal(seen[-1], t)                          # training shuffles (this seed does move them)
+    encoder.eval()(t)
+    assert torch.equal(seen[-1], t)                              # evaluation reads the report as written
+    with pytest.raises(AssertionError, match="sentence_end"):
+        TextEncoder(VKDConfig(**SMALL, sentence_shuffle=True))   # no id of "." given
 
 
 def test_attention_pooling_can_attend_to_one_token():
