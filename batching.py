@@ -74,11 +74,9 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
 
 
 def report_lengths(tokens, args):
-    """(N,) tokens per report, on the CPU, for --group-by-length; else None. None for `--method image` too: it
-    reads no report, so grouping would save it nothing and only make its batches less random."""
-    if not getattr(args, "group_by_length", False) or getattr(args, "method", None) == "image":
-        return None
-    return (tokens != 0).sum(1)
+    """(N,) tokens per report, on the CPU, for --group-by-length; else None (options.for_method turns it off for
+    `--method image`, which reads no report: grouping would only make its batches less random)."""
+    return (tokens != 0).sum(1) if getattr(args, "group_by_length", False) else None
 
 # --------------------------------------------------------------------------------------- an epoch's order
 

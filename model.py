@@ -135,7 +135,8 @@ class TextEncoder(nn.Module):
 
 def shuffle_sentences(t, end):
     """Report tokens (B, T) with each report's sentences in a random order; a sentence ends at the token `end`
-    (the last one may not), and the padding stays at the end. Draws from the global RNG, as dropout does."""
+    (the last one may not), and the padding stays at the end. Draws from the global RNG, as dropout does.
+    The tokenizer splits "." off everywhere, so "1.5 cm" or "1. No effusion" also end a sentence: noise only."""
     ends = (t == end).long()
     sentence = ends.cumsum(1) - ends                                          # (B, T): the sentence of each token
     key = torch.rand(t.shape, device=t.device).gather(1, sentence)            # (B, T): one random key per sentence
@@ -321,8 +322,12 @@ class VKD(nn.Module):
         return torch.sigmoid(self.classify(mu_q, h_x).float())
 
 
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
 def describe(model):
-    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder, "total": model}
-    return ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for name, m in parts.items()
-                     if m is not None)
+    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
+    return ", ".join(f"{name} {count_parameters(m) / 1e6:.2f}M" for name, m in parts.items() if m is not None) + \
+        f", total {count_parameters(model) / 1e6:.2f}M"
 

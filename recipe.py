@@ -1,7 +1,6 @@
 """The recipe behind `python train.py --method all` and `--seeds 0,1,2`: several methods and seeds on one split,
 then the paired comparison of their test predictions (evaluate.compare_checkpoints). A student can skip it.
 """
-import argparse
 import json
 import os
 from pathlib import Path
@@ -10,7 +9,7 @@ import torch
 
 import evaluate
 from compare import format_comparison
-from options import collection_name, run_name
+from options import collection_name, for_method, run_name
 from reports import DataError
 
 
@@ -32,7 +31,7 @@ def run_recipe(args, train):
             out = root / run_name(args, method, seed)
             if not other_process:
                 print(f"\n=== {method}, seed {seed} -> {out}")
-            metrics = train(argparse.Namespace(**vars(args) | {"method": method, "seed": seed, "out": str(out)}))
+            metrics = train(for_method(args, method=method, seed=seed, out=str(out)))
             if metrics is None and not other_process:
                 return None                                   # stopped early (--stop-after)
             checkpoints.append(out / "best.pt")

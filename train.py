@@ -103,9 +103,7 @@ class Run:
 
 def setup(args, start_time):
     """Processes, data on the device, model, optimizer, and (with --resume) their saved state -> (Run, checkpoint)."""
-    checkpoint = None
-    if args.resume:
-        args, checkpoint = runtime.resume_args(args)
+    args, checkpoint = runtime.resume_args(args) if args.resume else (args, None)
     args.epochs = args.epochs or 12
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +133,8 @@ def setup(args, start_time):
     model_config = options.model_config(args, len(collection.label_names), tokenizer.get_vocab_size(),
                                         tokenizer.token_to_id("."))
     pos_weight = positive_weights(collection.labels[train_idx], getattr(args, "pos_weight", "none"))
-    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch, pos_weight)
+    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp, steps_per_epoch,
+                                                            pos_weight)
     run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size, device=device, amp=amp,
               collection=collection, split_sha256=split_sha256, images=images, tokens=tokens, labels=labels,
               lengths=lengths, model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast,

@@ -179,7 +179,9 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
                         grouped.append(batch_lengths is not None) or cut(tokens, idx, batch_lengths))
     train.train(train.get_args(options + ["--out", str(tmp_path / "whole")]))
     assert grouped and all(grouped)                      # train.py passes the lengths on to every batch
-    assert torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model_config"]["sentence_shuffle"]
+    config = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model_config"]
+    dot = train.data.load_tokenizer(tmp_path / "whole" / "tokenizer.json").token_to_id(".")
+    assert config["sentence_end"] == dot and config["sentence_shuffle"]     # train.py gives the id of "."
     steps = steps_per_epoch(tmp_path / "whole")
     monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
     with pytest.raises(KeyboardInterrupt):

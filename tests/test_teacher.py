@@ -65,14 +65,12 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert not train.get_args(["--data", "openi", "--no-group-by-length"]).group_by_length
     assert openi.sentence_shuffle and not demo.sentence_shuffle
     assert not train.get_args(["--data", "openi", "--no-sentence-shuffle"]).sentence_shuffle
-    tokenizer = data.train_tokenizer(["no acute disease. normal heart."], 60)
-    shuffled = options.model_config(openi, 14, 60, tokenizer.token_to_id("."))
-    assert shuffled.sentence_shuffle and shuffled.sentence_end == tokenizer.token_to_id(".") > 1
-    tokens = torch.tensor([[5, 6, 0], [7, 0, 0]])
-    assert batching.report_lengths(tokens, openi).tolist() == [2, 1]
-    assert batching.report_lengths(tokens, train.get_args(["--data", "openi", "--method", "image"])) is None
-    assert batching.report_lengths(tokens, demo) is None
-    assert options.model_config(openi, 14, 2000).word_dropout == 0.2                # reaches the model
+    dot = data.train_tokenizer(["no acute disease. normal heart."], 60).token_to_id(".")
+    shuffled = options.model_config(openi, 14, 60, dot)
+    assert dot > 1 and shuffled.sentence_shuffle and shuffled.sentence_end == dot
+    with pytest.raises(data.DataError, match="no-sentence-shuffle"):
+        options.model_config(openi, 14, 60, None)                 # a vocabulary without "."
+    assert options.model_config(openi, 14, 2000, dot).word_dropout == 0.2           # reaches the model
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(SystemExit):                                             # argparse names the flag
             train.get_args(["--word-dropout", bad])
@@ -160,23 +158,46 @@ def test_word_dropout_replaces_words_by_unk_in_training_only():
     assert torch.equal(seen[-1], t)                                               # evaluation reads every word
 
 
+def test_image_runs_neither_group_nor_shuffle_reports_and_say_so():
+    tokens = torch.tensor([[5, 6, 0], [7, 0, 0]])
+    openi = train.get_args(["--data", "openi"])
+    assert batching.report_lengths(tokens, openi).tolist() == [2, 1]
+    image = train.get_args(["--data", "openi", "--method", "image"])
+    assert batching.report_lengths(tokens, image) is None                   # --method image reads no report
+    assert not image.group_by_length and not image.sentence_shuffle         # and its saved config says so
+    each = options.for_method(train.get_args(["--data", "openi", "--method", "all"]), method="image")
+    assert not each.group_by_length and not each.sentence_shuffle           # --method all's image runs too
+    assert options.for_method(openi, method="vkd").group_by_length
+    assert batching.report_lengths(tokens, train.get_args([])) is None     # the demo does not group
+
+
 def test_sentence_shuffle_reorders_whole_sentences_in_training_only():
     from model import shuffle_sentences
     dot = 9
     t = torch.tensor([[2, 3, dot, 4, dot, 5, 6, 7, 0, 0],        # three sentences, the last without "."
-                      [8, dot, 0, 0, 0, 0, 0, 0, 0, 0]])         # one sentence
+                      [8, dot, 0, 0, 0, 0, 0, 0, 0, 0],          # one sentence
+                      [8, 7, 6, 5, 4, 0, 0, 0, 0, 0],            # no "."
+                      [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],            # nothing but padding
+                      [2, dot, 3, dot, 4, dot, 5, dot, 6, 7]])   # cut at max_len: no padding
+    kept = t[1:4].tolist()
     sentences = [[2, 3, dot], [4, dot], [5, 6, 7]]
+    cut = [[2, dot], [3, dot], [4, dot], [5, dot], [6, 7]]
+
+    def order_of(row, sentences):                                # the row as whole sentences, or StopIteration
+        order = []
+        while row:
+            first = next(s for s in sentences if row[:len(s)] == s)
+            order.append(sentences.index(first))
+            row = row[len(first):]
+        return tuple(order)
+
     torch.manual_seed(0)
     orders = set()
     for _ in range(200):
         out = shuffle_sentences(t, dot)
-        assert out[1].tolist() == t[1].tolist() and out[0, 8:].tolist() == [0, 0]    # padding stays at the end
-        row, order = out[0, :8].tolist(), []
-        while row:                                               # the row is the three sentences, each whole
-            first = next(s for s in sentences if row[:len(s)] == s)
-            order.append(sentences.index(first))
-            row = row[len(first):]
-        orders.add(tuple(order))
+        assert out[1:4].tolist() == kept and out[0, 8:].tolist() == [0, 0]    # padding stays at the end
+        orders.add(order_of(out[0, :8].tolist(), sentences))     # three whole sentences
+        assert sorted(order_of(out[4].tolist(), cut)) == [0, 1, 2, 3, 4]
     assert len(orders) == 6                                      # every order of three sentences occurs
     config = VKDConfig(**SMALL, sentence_shuffle=True, sentence_end=dot)
     torch.manual_seed(0)
