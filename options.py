@@ -24,8 +24,9 @@ AUTHORS = {"posterior_input": "report", "classifier_input": "z+image", "kl_direc
 # normal ones: the report length comes from the training reports (max_len None), attention pooling can pick out
 # the word, and positives are weighted by sqrt(negatives / positives). OpenI has only 2,600 training reports, and
 # on its validation splits (split seeds 0, 1, 2; picked with a script outside the project) a transformer of one
-# layer, 128 wide, with word dropout 0.2 and its sentences shuffled scored highest, and 30 epochs did
-# better than 20 in one run (see docs/RESULTS.md). Its batches group reports of similar length (--group-by-length), each cut to its longest.
+# layer, 128 wide, with word dropout 0.2 and its sentences shuffled scored highest, and 30 epochs did better than
+# 20 in one run without sentence shuffling (see docs/RESULTS.md). Its batches group reports of similar length
+# (--group-by-length), each cut to its longest.
 # The demo keeps the settings its numbers were measured with; MIMIC-CXR (not measured here) keeps the encoder of
 # the other collections.
 DATA_DEFAULTS = {
@@ -174,7 +175,8 @@ def model_config(args, num_labels, vocab_size, sentence_end=-1):
     """The model's configuration from the options; a run saved before an option existed gets its old value.
     sentence_end: the tokenizer's id of "." (None: not in its vocabulary)."""
     if getattr(args, "sentence_shuffle", False) and sentence_end in (None, -1):
-        raise data.DataError('--sentence-shuffle: the tokenizer has no "." to end a sentence; use --no-sentence-shuffle')
+        raise data.DataError('--sentence-shuffle: the tokenizer has no "." to end a sentence; '
+                             'use --no-sentence-shuffle')
     return VKDConfig(num_labels=num_labels, latent_dim=args.latent_dim, backbone=args.backbone,
                      cnn_width=args.cnn_width, vocab_size=vocab_size, max_len=args.max_len, text_dim=args.text_dim,
                      text_layers=args.text_layers, text_pooling=getattr(args, "text_pooling", "mean"),
