@@ -19,20 +19,23 @@ import data
 # ------------------------------------------------------------------------------------------- the images
 
 def pixel_statistics(cache, indices, chunk=1024, one_pass_bytes=2**30):
-    """Mean and std of the training images' pixels in [0, 1], for normalisation.
+    """Mean and std of the training images' pixels in [0, 1], for normalisation. Images of one flat grey (std 0,
+    e.g. placeholders for text-only runs) get std 1, so that normalising them only removes the mean.
 
     One float32 pass when those pixels take at most 1 GiB as floats (the demo, OpenI); otherwise float64 sums
     over chunks of images, so that a cache larger than memory (MIMIC-CXR) is never copied whole."""
     count = len(indices) * cache[0].size
     if count * 4 <= one_pass_bytes:
         pixels = cache[indices].astype(np.float32) / 255.0
-        return float(pixels.mean()), float(pixels.std())
-    total = total_squares = 0.0
-    for start in tqdm(range(0, len(indices), chunk), desc="pixel statistics", unit="chunk", leave=False):
-        block = cache[np.sort(indices[start:start + chunk])].astype(np.float64) / 255.0
-        total, total_squares = total + block.sum(), total_squares + np.square(block).sum()
-    mean = total / count
-    return mean, math.sqrt(max(total_squares / count - mean**2, 0.0))
+        mean, std = float(pixels.mean()), float(pixels.std())
+    else:
+        total = total_squares = 0.0
+        for start in tqdm(range(0, len(indices), chunk), desc="pixel statistics", unit="chunk", leave=False):
+            block = cache[np.sort(indices[start:start + chunk])].astype(np.float64) / 255.0
+            total, total_squares = total + block.sum(), total_squares + np.square(block).sum()
+        mean = total / count
+        std = math.sqrt(max(total_squares / count - mean**2, 0.0))
+    return mean, std if std > 1e-6 else 1.0
 
 
 def free_memory(device):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import batching
+import data
 import options
 import runtime
 import train
@@ -165,6 +166,15 @@ def test_pixel_statistics_chunked_agrees_with_one_pass():
     pixels = cache[indices].astype(np.float64) / 255
     assert one_pass == pytest.approx((pixels.mean(), pixels.std()), rel=1e-6)
     assert chunked == pytest.approx((pixels.mean(), pixels.std()), rel=1e-9)
+
+
+@pytest.mark.parametrize("one_pass_bytes", [2**30, 0])
+def test_pixel_statistics_of_flat_images_normalise_to_finite_values(one_pass_bytes):
+    cache = np.full((6, 8, 8), 128, dtype=np.uint8)                  # placeholder images: one grey, std 0
+    mean, std = batching.pixel_statistics(cache, np.arange(6), chunk=4, one_pass_bytes=one_pass_bytes)
+    assert mean == pytest.approx(128 / 255) and std == 1.0
+    x = data.normalise(torch.from_numpy(cache[:2]), mean, std)
+    assert torch.isfinite(x).all() and x.abs().max() < 1e-6
 
 
 @pytest.fixture(scope="module")
