@@ -81,6 +81,7 @@ def report_lengths(tokens, args):
     `--method image`, which reads no report: grouping would only make its batches less random)."""
     return (tokens != 0).sum(1) if getattr(args, "group_by_length", False) else None
 
+
 # --------------------------------------------------------------------------------------- an epoch's order
 
 SHUFFLE, AUGMENT = 0, 1                              # the random streams of an epoch, drawn the same in every process
