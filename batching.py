@@ -64,16 +64,36 @@ def place_images(cache, device, preload="auto", chunk=4096):
 
 def on_device(collection, tokenizer, cache, args, device, main_process=True):
     """The collection ready for training: images (N, S, S) uint8 (on the device, or the memory-mapped cache:
-    place_images), report tokens (N, T), labels (N, K), NaN = not observed, and the length of every report
-    (N,) on the CPU with --group-by-length, else None (report_lengths). Warns when reports are cut."""
+    place_images), report tokens (N, T), labels (N, K), NaN = not observed, the length of every report (N,) on
+    the CPU with --group-by-length, else None (report_lengths), and with --oversample how often each training
+    image is drawn (draw_weights), else None. Warns when reports are cut."""
     images = place_images(cache, device, args.preload)
     tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len))
     lengths = report_lengths(tokens, args)
+    oversample = getattr(args, "oversample", False)              # configs saved before the option existed: off
+    weights = draw_weights(collection.labels, collection.splits["train"]) if oversample else None
     tokens, labels = tokens.to(device), torch.from_numpy(collection.labels).to(device)
     truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
     if truncated > 0.05 and main_process:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; consider a larger one")
-    return images, tokens, labels, lengths
+    return images, tokens, labels, lengths, weights
+
+
+def draw_weights(labels, train_idx):
+    """(len(train_idx),) how often each training image is drawn in an epoch, relative to the others, with
+    --oversample: median(n) / n_k for an image whose rarest positive label is k, and at least 1, where n_k is
+    the number of positive training images of label k (and the median runs over the labels with any). An image
+    with only common labels, or none, keeps weight 1. OpenI: an image showing Enlarged Cardiomediastinum (38 of
+    ~5,000 training images) is drawn about 5 times as often as a normal one; Cardiomegaly, about as common as
+    the median label, is not boosted. Every epoch still draws len(train_idx) images, so its length stays.
+
+    Why: a label with 19 positive reports (OpenI) otherwise gives the report encoder 19 examples an epoch to
+    learn its wording from; the BCE's positive weights (model.positive_weights) scale the loss of those few
+    examples but do not show the encoder more of them."""
+    y = np.nan_to_num(labels[train_idx], nan=0.0)                  # (N, K), not observed counts as negative
+    positives = y.sum(0)                                            # (K,) n_k
+    boost = np.median(positives[positives > 0]) / np.maximum(positives, 1)
+    return torch.from_numpy(np.maximum(1.0, (y * boost).max(1)))   # (N,) float64
 
 
 def report_lengths(tokens, args):
@@ -95,15 +115,18 @@ def epoch_generator(seed, epoch, stream, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(state))
 
 
-def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1, lengths=None):
+def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1, lengths=None, weights=None):
     """This process's training samples for one epoch, (steps * batch_size / world_size,).
 
     One permutation (the SHUFFLE stream of (seed, epoch)), the same in every process, is cut into global
     batches of batch_size (the incomplete last one dropped: static shapes); each process takes its contiguous
-    1/world_size of every global batch, so N processes see exactly the batches one would. With `lengths`
-    (--group-by-length), the global batches are formed by group_by_length instead."""
+    1/world_size of every global batch, so N processes see exactly the batches one would. With `weights`
+    (--oversample: draw_weights), len(train_idx) draws with replacement, in proportion to the weights, take the
+    permutation's place. With `lengths` (--group-by-length), the global batches are formed by group_by_length."""
     shuffle = epoch_generator(seed, epoch, SHUFFLE)
-    order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=shuffle)]
+    draws = (torch.randperm(len(train_idx), generator=shuffle) if weights is None else
+             torch.multinomial(weights, len(train_idx), replacement=True, generator=shuffle))
+    order = torch.from_numpy(train_idx)[draws]
     steps = len(order) // batch_size
     order = order[:steps * batch_size]
     if lengths is not None:

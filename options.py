@@ -32,7 +32,7 @@ AUTHORS = {"posterior_input": "report", "classifier_input": "z+image", "kl_direc
 DATA_DEFAULTS = {
     "demo": {"max_len": 64, "text_pooling": "mean", "pos_weight": "none"},
     "openi": {"epochs": 30, "text_dim": 128, "text_layers": 1, "word_dropout": 0.2, "group_by_length": True,
-              "sentence_shuffle": True},
+              "sentence_shuffle": True, "oversample": True, "dropout": 0.0},
     "mimic": {},
 }
 
@@ -88,7 +88,8 @@ def build_parser(presets, description=None):
         help=f"transformer width (default: {MODEL.text_dim}; openi: 128)")
     add("--text-layers", type=int, default=MODEL.text_layers,
         help=f"transformer layers (default: {MODEL.text_layers}; openi: 1)")
-    add("--dropout", type=float, default=MODEL.dropout, help=f"transformer dropout (default: {MODEL.dropout})")
+    add("--dropout", type=float, default=MODEL.dropout,
+        help=f"transformer dropout (default: {MODEL.dropout}; openi: 0)")
     add("--word-dropout", type=probability, default=MODEL.word_dropout,
         help=f"probability that a report token is replaced by [UNK] in training (default: {MODEL.word_dropout}; "
              f"openi: 0.2)")
@@ -103,6 +104,9 @@ def build_parser(presets, description=None):
     add("--warmup-steps", type=int, default=30, help="linear learning-rate warm-up steps (default: 30)")
     add("--clip-grad", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     add("--no-augment", action="store_true", help="turn off random affine augmentation (default: on)")
+    add("--oversample", action=argparse.BooleanOptionalAction, default=False,
+        help="draw the training images of rare labels more often, with replacement (batching.draw_weights); an "
+             "epoch keeps its length (default: off; openi: on)")
     add("--seed", type=int, default=0, help="seed of initialisation, shuffling and sampling (default: 0)")
     data.add_data_args(parser.add_argument_group("data"))
     add = parser.add_argument_group("speed").add_argument

@@ -86,6 +86,7 @@ class Run:
     tokens: torch.Tensor            # (N, T) report token ids, 0 = padding
     labels: torch.Tensor            # (N, K), NaN = not observed
     lengths: torch.Tensor | None    # (N,) report tokens, on the CPU, with --group-by-length; else None
+    weights: torch.Tensor | None    # (N_train,) how often each training image is drawn (--oversample); else None
     model: VKD
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -125,7 +126,8 @@ def setup(args, start_time):
     train_idx = collection.splits["train"]
     if checkpoint is None:
         args.pixel_mean, args.pixel_std = batching.pixel_statistics(cache, train_idx)
-    images, tokens, labels, lengths = batching.on_device(collection, tokenizer, cache, args, device, rank == 0)
+    images, tokens, labels, lengths, weights = batching.on_device(collection, tokenizer, cache, args, device,
+                                                                  rank == 0)
     runtime.check_labels(collection, args.allow_missing_labels, rank == 0)
     steps_per_epoch = len(train_idx) // args.batch_size                                     # drop_last
     if steps_per_epoch == 0:
@@ -137,8 +139,8 @@ def setup(args, start_time):
                                                             pos_weight)
     run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size, device=device, amp=amp,
               collection=collection, split_sha256=split_sha256, images=images, tokens=tokens, labels=labels,
-              lengths=lengths, model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
-              betas=betas, steps_per_epoch=steps_per_epoch, start_time=start_time)
+              lengths=lengths, weights=weights, model=model, forward=model, optimizer=optimizer, scaler=scaler,
+              autocast=autocast, betas=betas, steps_per_epoch=steps_per_epoch, start_time=start_time)
     untrained = restore(run, checkpoint)
     run.record = {"config": vars(args), "environment": runtime.environment(device), "model": describe(model),
                   "split_sha256": split_sha256, "data": collection.summary, "amp": amp, "world_size": world_size,
@@ -220,7 +222,7 @@ def train_epoch(run, epoch, stop, interrupted=None):
     total_steps = run.steps_per_epoch * args.epochs
     # shuffle and augmentation draw from their own generators of (seed, epoch): a resumed run repeats them
     order = batching.epoch_order(run.collection.splits["train"], args.seed, epoch, args.batch_size, run.rank,
-                                 run.world_size, run.lengths).to(device)
+                                 run.world_size, run.lengths, run.weights).to(device)
     augment_rng = batching.epoch_generator(args.seed, epoch, batching.AUGMENT, device) if not args.no_augment else None
     sums = torch.zeros(5, device=device)          # loss parts and non-finite steps, summed on the device: no sync
     done = 0                                      # steps of this epoch already taken
@@ -337,8 +339,7 @@ def save_interrupted(run, epoch, steps_done, sums, augment_rng):
 def train(args):
     """Train one run; under torchrun every process calls this, and process 0 alone prints, logs, saves and
     evaluates. Returns the test metrics (process 0 of a finished run) or None."""
-    start_time = time.time()
-    run, checkpoint = setup(args, start_time)
+    run, checkpoint = setup(args, time.time())
     args = run.args
     if run.main:
         announce(run)

@@ -64,6 +64,9 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert (demo.text_dim, demo.text_layers, demo.word_dropout, demo.group_by_length) == (64, 2, 0.0, False)
     assert not train.get_args(["--data", "openi", "--no-group-by-length"]).group_by_length
     assert openi.sentence_shuffle and not demo.sentence_shuffle
+    assert (openi.dropout, demo.dropout) == (0.0, 0.1)
+    assert openi.oversample and not demo.oversample and not train.get_args(["--data", "mimic"]).oversample
+    assert not train.get_args(["--data", "openi", "--no-oversample"]).oversample
     assert not train.get_args(["--data", "openi", "--no-sentence-shuffle"]).sentence_shuffle
     dot = data.train_tokenizer(["no acute disease. normal heart."], 60).token_to_id(".")
     shuffled = options.model_config(openi, 14, 60, dot)
@@ -291,7 +294,7 @@ def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_
     from test_train import TINY
     cut = TINY.index("--max-len")
     argv = TINY[:cut] + TINY[cut + 2:] + [
-        "--method", "text", "--text-pooling", "attention", "--pos-weight", "sqrt", "--epochs", "1",
+        "--method", "text", "--text-pooling", "attention", "--pos-weight", "sqrt", "--oversample", "--epochs", "1",
         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
     args = train.get_args(argv)
     args.max_len = None                                          # derived, as for --data openi
@@ -301,7 +304,8 @@ def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_
     collection = data.prepare_from(json.loads((run / "run.json").read_text())["config"])
     texts = [collection.reports[i].text for i in np.unique(collection.report_index[collection.splits["train"]])]
     derived = data.length_limit(tokenizer, texts)
-    assert json.loads((run / "run.json").read_text())["config"]["max_len"] == derived
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["max_len"] == derived and config["oversample"]
     checkpoint = torch.load(run / "best.pt", weights_only=True)
     assert checkpoint["model_config"]["max_len"] == derived
     assert checkpoint["model_config"]["text_pooling"] == "attention"

@@ -120,6 +120,32 @@ def test_group_by_length_batches_similar_reports_and_cuts_only_padding():
     assert all(torch.equal(a, b) for a, b in zip(streamed, [t for _, t, _ in cut]))
 
 
+def test_oversampling_draws_rare_labels_more_often_the_same_in_every_process():
+    labels = np.zeros((110, 3), np.float32)
+    labels[10:50, 0] = 1                                    # 40 positive training images: common
+    labels[50:70, 1] = 1                                    # 20: the median label
+    labels[70:74, 2] = 1                                    # 4: rare, and image 10 has it beside the common one
+    labels[10, 2] = 1
+    labels[74, 2] = np.nan                                  # not observed: counts as negative
+    labels[:10] = 1                                         # not training images: never counted
+    train_idx = np.arange(10, 110)
+    weights = batching.draw_weights(labels, train_idx)
+    expected = np.ones(100)
+    expected[[0, 60, 61, 62, 63]] = 20 / 5                  # median(40, 20, 5) / 5, for the rarest positive label
+    np.testing.assert_allclose(weights.numpy(), expected)
+    order = batching.epoch_order(train_idx, 0, 1, 16, weights=weights)
+    assert len(order) == 96 and set(order.tolist()) <= set(train_idx.tolist())
+    assert torch.equal(batching.epoch_order(train_idx, 0, 1, 16, weights=weights), order)       # seeded
+    halves = [batching.epoch_order(train_idx, 0, 1, 16, rank, 2, weights=weights).view(6, 8) for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves, 1).reshape(-1), order)        # 2 processes see one process's batches
+    rare = [10, 70, 71, 72, 73]
+    counts = [np.isin(batching.epoch_order(train_idx, 0, epoch, 16, weights=w).numpy(), rare).sum()
+              for epoch in range(50) for w in (weights, None)]
+    drawn, plain = np.mean(counts[0::2]), np.mean(counts[1::2])
+    assert max(counts[1::2]) <= 5 and plain > 4                  # a permutation: once each, less the 4 cut
+    assert abs(drawn - 96 * 20 / 115) < 2                                   # 5 images of weight 4 in a sum of 115
+
+
 def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
     """`text` never reads the prior head: under DDP its parameters would wait for gradients that never come."""
     t, y = torch.randint(1, 50, (2, 6)), torch.ones(2, 3)
