@@ -83,13 +83,14 @@ def draw_weights(labels, train_idx):
     """(len(train_idx),) how often each training image is drawn in an epoch, relative to the others, with
     --oversample: median(n) / n_k for an image whose rarest positive label is k, and at least 1, where n_k is
     the number of positive training images of label k (and the median runs over the labels with any). An image
-    with only common labels, or none, keeps weight 1. OpenI: an image showing Enlarged Cardiomediastinum (38 of
-    ~5,000 training images) is drawn about 5 times as often as a normal one; Cardiomegaly, about as common as
-    the median label, is not boosted. Every epoch still draws len(train_idx) images, so its length stays.
+    with only common labels, or none, keeps weight 1. OpenI (split seed 0): 38 of the 5,092 training images show
+    Enlarged Cardiomediastinum, against a median of 156 over the labels, so they are drawn 4.1 times as often
+    as a normal image; 8.5% of the images get a weight above 1 and make up 18% of the draws. Every epoch still
+    draws len(train_idx) images, so its length stays.
 
-    Why: a label with 19 positive reports (OpenI) otherwise gives the report encoder 19 examples an epoch to
-    learn its wording from; the BCE's positive weights (model.positive_weights) scale the loss of those few
-    examples but do not show the encoder more of them."""
+    Why: a label with 19 positive training reports (OpenI) otherwise shows the report encoder its wording 38
+    times an epoch (once per image); the BCE's positive weights (model.positive_weights) scale the loss of those
+    few examples but do not show the encoder more of them."""
     y = np.nan_to_num(labels[train_idx], nan=0.0)                  # (N, K), not observed counts as negative
     positives = y.sum(0)                                            # (K,) n_k
     boost = np.median(positives[positives > 0]) / np.maximum(positives, 1)
