@@ -70,7 +70,7 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
     images = place_images(cache, device, args.preload)
     tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len))
     lengths = report_lengths(tokens, args)
-    oversample = getattr(args, "oversample", False)              # configs saved before the option existed: off
+    oversample = getattr(args, "oversample", False)              # a config without the option: off
     weights = draw_weights(collection.labels, collection.splits["train"]) if oversample else None
     tokens, labels = tokens.to(device), torch.from_numpy(collection.labels).to(device)
     truncated = (tokens[:, -1] != 0).float().mean().item()                                  # report filled max_len
@@ -85,16 +85,19 @@ def draw_weights(labels, train_idx):
     the number of positive training images of label k (and the median runs over the labels with any). An image
     with only common labels, or none, keeps weight 1. OpenI (split seed 0): 38 of the 5,092 training images show
     Enlarged Cardiomediastinum, against a median of 156 over the labels, so they are drawn 4.1 times as often
-    as a normal image; 8.5% of the images get a weight above 1 and make up 18% of the draws. Every epoch still
-    draws len(train_idx) images, so its length stays.
+    as a normal image. Every epoch still draws len(train_idx) images, so its length stays.
 
-    Why: a label with 19 positive training reports (OpenI) otherwise shows the report encoder its wording 38
-    times an epoch (once per image); the BCE's positive weights (model.positive_weights) scale the loss of those
-    few examples but do not show the encoder more of them."""
-    y = np.nan_to_num(labels[train_idx], nan=0.0)                  # (N, K), not observed counts as negative
+    Why: a label with 19 positive training reports (OpenI, two images each) otherwise shows the report encoder
+    its wording 38 times an epoch; the BCE's positive weights (model.positive_weights) scale the loss of those
+    few examples but do not show the encoder more of them. With --group-by-length, the copies of an image (one
+    report, so one length) often share a batch: more weight on that report in one step rather than the report
+    in more steps."""
+    y = np.nan_to_num(labels[train_idx], nan=0.0)                  # (N, K) of 0/1: not observed counts as 0
     positives = y.sum(0)                                            # (K,) n_k
-    boost = np.median(positives[positives > 0]) / np.maximum(positives, 1)
-    return torch.from_numpy(np.maximum(1.0, (y * boost).max(1)))   # (N,) float64
+    if not positives.any():
+        return torch.ones(len(train_idx), dtype=torch.float64)     # no positive label anywhere: nothing is rare
+    boost = np.median(positives[positives > 0]) / np.maximum(positives, 1)   # (K,); max(.., 1): no division by 0
+    return torch.from_numpy(np.maximum(1.0, (y * boost).max(1)))   # (N,) the boost of the rarest positive label
 
 
 def report_lengths(tokens, args):

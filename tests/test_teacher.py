@@ -285,7 +285,7 @@ def test_bag_of_words_learns_a_separable_toy_problem():
     assert auroc_summary(test_labels, shuffled(test_tokens))["macro"] < 0.8     # nothing to learn: chance
 
 
-def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_path):
+def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
@@ -298,7 +298,11 @@ def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_
         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
     args = train.get_args(argv)
     args.max_len = None                                          # derived, as for --data openi
+    drawn = []                                                   # the draw weights each epoch's order was given
+    order = batching.epoch_order
+    monkeypatch.setattr(batching, "epoch_order", lambda *a, **k: drawn.append(a[7]) or order(*a, **k))
     train.train(args)
+    assert len(drawn) == 1 and drawn[0] is not None and (drawn[0] >= 1).all()         # one epoch, oversampled
     run = tmp_path / "run"
     tokenizer = data.load_tokenizer(run / "tokenizer.json")
     collection = data.prepare_from(json.loads((run / "run.json").read_text())["config"])

@@ -133,6 +133,7 @@ def test_oversampling_draws_rare_labels_more_often_the_same_in_every_process():
     expected = np.ones(100)
     expected[[0, 60, 61, 62, 63]] = 20 / 5                  # median(40, 20, 5) / 5, for the rarest positive label
     np.testing.assert_allclose(weights.numpy(), expected)
+    assert torch.equal(batching.draw_weights(np.zeros((5, 2)), np.arange(5)), torch.ones(5, dtype=torch.float64))
     order = batching.epoch_order(train_idx, 0, 1, 16, weights=weights)
     assert len(order) == 96 and set(order.tolist()) <= set(train_idx.tolist())
     assert torch.equal(batching.epoch_order(train_idx, 0, 1, 16, weights=weights), order)       # seeded
