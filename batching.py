@@ -92,7 +92,7 @@ def draw_weights(labels, train_idx):
     few examples but do not show the encoder more of them. With --group-by-length, the copies of an image (one
     report, so one length) often share a batch: more weight on that report in one step rather than the report
     in more steps."""
-    y = np.nan_to_num(labels[train_idx], nan=0.0)                  # (N, K) of 0/1: not observed counts as 0
+    y = np.nan_to_num(labels[train_idx].astype(np.float64), nan=0.0)   # (N, K) of 0/1: not observed counts as 0
     positives = y.sum(0)                                            # (K,) n_k
     if not positives.any():
         return torch.ones(len(train_idx), dtype=torch.float64)     # no positive label anywhere: nothing is rare

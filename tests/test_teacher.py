@@ -298,9 +298,12 @@ def test_a_run_stores_the_derived_length_and_evaluate_fits_the_bag_of_words(tmp_
         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
     args = train.get_args(argv)
     args.max_len = None                                          # derived, as for --data openi
-    drawn = []                                                   # the draw weights each epoch's order was given
-    order = batching.epoch_order
-    monkeypatch.setattr(batching, "epoch_order", lambda *a, **k: drawn.append(a[7]) or order(*a, **k))
+    drawn, epoch_order = [], batching.epoch_order
+
+    def recording_epoch_order(*positional, **named):             # records the draw weights train.py passes
+        drawn.append(positional[7] if len(positional) > 7 else named.get("weights"))
+        return epoch_order(*positional, **named)
+    monkeypatch.setattr(batching, "epoch_order", recording_epoch_order)
     train.train(args)
     assert len(drawn) == 1 and drawn[0] is not None and (drawn[0] >= 1).all()         # one epoch, oversampled
     run = tmp_path / "run"

@@ -124,8 +124,8 @@ def test_oversampling_draws_rare_labels_more_often_the_same_in_every_process():
     labels = np.zeros((110, 3), np.float32)
     labels[10:50, 0] = 1                                    # 40 positive training images: common
     labels[50:70, 1] = 1                                    # 20: the median label
-    labels[70:74, 2] = 1                                    # 4: rare, and image 10 has it beside the common one
-    labels[10, 2] = 1
+    labels[70:74, 2] = 1                                    # rare: images 70-73, and image 10 beside its common
+    labels[10, 2] = 1                                       # label, 5 positive training images in all
     labels[74, 2] = np.nan                                  # not observed: counts as negative
     labels[:10] = 1                                         # not training images: never counted
     train_idx = np.arange(10, 110)
@@ -133,6 +133,7 @@ def test_oversampling_draws_rare_labels_more_often_the_same_in_every_process():
     expected = np.ones(100)
     expected[[0, 60, 61, 62, 63]] = 20 / 5                  # median(40, 20, 5) / 5, for the rarest positive label
     np.testing.assert_allclose(weights.numpy(), expected)
+    assert weights.dtype == torch.float64                   # whatever the labels' dtype
     assert torch.equal(batching.draw_weights(np.zeros((5, 2)), np.arange(5)), torch.ones(5, dtype=torch.float64))
     order = batching.epoch_order(train_idx, 0, 1, 16, weights=weights)
     assert len(order) == 96 and set(order.tolist()) <= set(train_idx.tolist())
