@@ -30,7 +30,7 @@ NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "dat
 # as if it had this value (so a run saved before the option existed is still a seed of the same method).
 ADDED_OPTIONS = {"beta_cycle_epochs": 0, "posterior_input": "image+report", "classifier_input": "z",
                  "kl_direction": "qp", "average_samples": False, "train_fraction": 1.0, "group_by_length": False,
-                 "word_dropout": 0.0, "sentence_shuffle": False}
+                 "word_dropout": 0.0, "sentence_shuffle": False, "sentence_attention": False, "oversample": False}
 
 
 def group_runs(configs):

@@ -42,6 +42,7 @@ class VKDConfig:
     dropout: float = 0.1
     word_dropout: float = 0.0       # training only: each report token becomes [UNK] with this probability
     sentence_shuffle: bool = False  # training only: each report's sentences in a random order (shuffle_sentences)
+    sentence_attention: bool = False  # a token attends only to the tokens of its own sentence (sentence_mask)
     sentence_end: int = -1          # the token id that ends a sentence, "." (train.py reads it from the tokenizer)
     method: str = "vkd"
     # The authors' design choices, off by default (study.py measures them), with train.py's flag for each:
@@ -91,6 +92,10 @@ class TextEncoder(nn.Module):
     """Transformer over report tokens: (B, T) ids -> (B, text_dim), pooled over the non-padding tokens by
     attention (AttentionPooling) or by their mean (text_pooling="mean").
 
+    With cfg.sentence_attention a token attends only to the tokens of its own sentence (sentence_mask): "no" in
+    "No pneumothorax." cannot reach "effusion" in the next sentence, and a sentence's token features depend on the
+    rest of the report only through their positions. The pooling then reads across sentences.
+
     Two augmentations, in training only, against overfitting 2,600 training reports (OpenI): word dropout
     (cfg.word_dropout: each token becomes [UNK] with probability p, so the teacher cannot lean on any one word) and
     sentence shuffling (cfg.sentence_shuffle: a report's findings do not depend on the order of its sentences).
@@ -112,33 +117,56 @@ class TextEncoder(nn.Module):
         assert cfg.text_pooling in ("attention", "mean"), f"text_pooling: attention or mean, not {cfg.text_pooling!r}"
         self.pool = AttentionPooling(cfg.text_dim, cfg.text_heads) if cfg.text_pooling == "attention" else None
         self.word_dropout = cfg.word_dropout
-        assert not cfg.sentence_shuffle or cfg.sentence_end >= 0, "sentence_shuffle needs sentence_end, the id of '.'"
-        self.sentence_end = cfg.sentence_end if cfg.sentence_shuffle else None
+        uses_sentences = cfg.sentence_shuffle or cfg.sentence_attention
+        assert not uses_sentences or cfg.sentence_end >= 0, "sentence_shuffle/_attention need sentence_end, the id of '.'"
+        self.sentence_end = cfg.sentence_end if uses_sentences else None
+        self.sentence_shuffle, self.sentence_attention = cfg.sentence_shuffle, cfg.sentence_attention
+        self.heads = cfg.text_heads
 
     def forward(self, t):
         B, T = t.shape
         assert T <= self.position_embedding.num_embeddings, f"{T} tokens > max_len"
-        if self.training and self.sentence_end is not None:
+        if self.training and self.sentence_shuffle:
             t = shuffle_sentences(t, self.sentence_end)
         padding = t == PAD                                                        # (B, T), True = ignore
         if self.training and self.word_dropout > 0:                              # word dropout, never on [PAD]
             dropped = (torch.rand(t.shape, device=t.device) < self.word_dropout) & (t > UNK)        # (B, T)
+            if self.sentence_attention:
+                dropped &= t != self.sentence_end                                # nor on "." (it would join two)
             t = t.masked_fill(dropped, UNK)
         positions = torch.arange(T, device=t.device)
         h = self.token_embedding(t) + self.position_embedding(positions)[None]  # (B, T, C)
-        h = self.norm(self.encoder(h, src_key_padding_mask=padding))             # (B, T, C)
+        if self.sentence_attention:
+            mask = sentence_mask(t, self.sentence_end).repeat_interleave(self.heads, dim=0)   # (B * heads, T, T)
+            h = self.norm(self.encoder(h, mask=mask))                            # (B, T, C)
+        else:
+            h = self.norm(self.encoder(h, src_key_padding_mask=padding))         # (B, T, C)
         if self.pool is not None:
             return self.pool(h, padding)                                         # (B, C)
         keep = (~padding).unsqueeze(-1).to(h.dtype)
         return (h * keep).sum(1) / keep.sum(1).clamp(min=1)                      # mean: (B, C)
 
 
+def sentence_ids(t, end):
+    """(B, T) token ids -> (B, T): the number of the sentence each token is in (0, 1, ...); `end` closes one."""
+    ends = (t == end).long()
+    return ends.cumsum(1) - ends
+
+
+def sentence_mask(t, end):
+    """(B, T) token ids -> (B, T, T) attention mask, True where token i may not attend to token j: j is in another
+    sentence, or is padding. A token always sees itself, so that no row is all True (padding gets a row too)."""
+    sentence = sentence_ids(t, end)
+    allowed = (sentence[:, :, None] == sentence[:, None, :]) & (t != PAD)[:, None, :]
+    allowed |= torch.eye(t.shape[1], dtype=torch.bool, device=t.device)
+    return ~allowed
+
+
 def shuffle_sentences(t, end):
     """Report tokens (B, T) with each report's sentences in a random order; a sentence ends at the token `end`
     (the last one may not), and the padding stays at the end. Draws from the global RNG, as dropout does.
     The tokenizer splits "." off everywhere, so "1.5 cm" or "1. No effusion" also end a sentence: noise only."""
-    ends = (t == end).long()
-    sentence = ends.cumsum(1) - ends                                          # (B, T): the sentence of each token
+    sentence = sentence_ids(t, end)                                           # (B, T): the sentence of each token
     key = torch.rand(t.shape, device=t.device).gather(1, sentence)            # (B, T): one random key per sentence
     key = key.masked_fill(t == PAD, 2.0)                                      # above every key: padding sorts last
     return t.gather(1, key.argsort(dim=1, stable=True))                       # stable: a sentence keeps its order

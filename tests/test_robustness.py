@@ -168,11 +168,11 @@ def test_resume_from_a_damaged_last_checkpoint_says_so(tmp_path):
 
 def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted, tmp_path, monkeypatch):
     """OpenI's defaults: batches grouped by report length (their order comes from the epoch's seeded generator),
-    word dropout and sentence shuffling (they draw from the saved RNG state) still give an exact resume after a
-    Ctrl-C mid-epoch."""
+    word dropout and sentence shuffling (they draw from the saved RNG state), attention within sentences, still give
+    an exact resume after a Ctrl-C mid-epoch."""
     _, data_dir = uninterrupted
     options = TINY + ["--data-dir", str(data_dir), "--epochs", "2", "--group-by-length", "--word-dropout", "0.2",
-                      "--sentence-shuffle", "--method", "text"]
+                      "--sentence-shuffle", "--sentence-attention", "--method", "text"]
     cut = batching.batch_tokens
     grouped = []                                         # whether each batch came with its reports' lengths
     monkeypatch.setattr(batching, "batch_tokens", lambda tokens, idx, batch_lengths=None:
@@ -181,7 +181,8 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
     assert grouped and all(grouped)                      # train.py passes the lengths on to every batch
     config = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model_config"]
     dot = train.data.load_tokenizer(tmp_path / "whole" / "tokenizer.json").token_to_id(".")
-    assert config["sentence_end"] == dot and config["sentence_shuffle"]     # train.py gives the id of "."
+    assert config["sentence_end"] == dot and config["sentence_shuffle"] and config["sentence_attention"]
+    assert dot > 1                                                            # train.py gives the id of "."
     steps = steps_per_epoch(tmp_path / "whole")
     monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
     with pytest.raises(KeyboardInterrupt):

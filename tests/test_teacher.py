@@ -68,11 +68,16 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert openi.oversample and not demo.oversample and not train.get_args(["--data", "mimic"]).oversample
     assert not train.get_args(["--data", "openi", "--no-oversample"]).oversample
     assert not train.get_args(["--data", "openi", "--no-sentence-shuffle"]).sentence_shuffle
+    assert openi.sentence_attention and not demo.sentence_attention
     dot = data.train_tokenizer(["no acute disease. normal heart."], 60).token_to_id(".")
     shuffled = options.model_config(openi, 14, 60, dot)
-    assert dot > 1 and shuffled.sentence_shuffle and shuffled.sentence_end == dot
+    assert dot > 1 and shuffled.sentence_shuffle and shuffled.sentence_attention and shuffled.sentence_end == dot
     with pytest.raises(data.DataError, match="no-sentence-shuffle"):
         options.model_config(openi, 14, 60, None)                 # a vocabulary without "."
+    whole = train.get_args(["--data", "openi", "--no-sentence-shuffle", "--no-sentence-attention"])
+    assert not whole.sentence_attention and not options.model_config(whole, 14, 60, None).sentence_attention
+    with pytest.raises(data.DataError, match="no-sentence-attention"):
+        options.model_config(train.get_args(["--data", "openi", "--no-sentence-shuffle"]), 14, 60, None)
     assert options.model_config(openi, 14, 2000, dot).word_dropout == 0.2           # reaches the model
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(SystemExit):                                             # argparse names the flag
@@ -87,6 +92,7 @@ def test_old_config_without_the_new_options_gets_the_old_model():
     assert options.model_config(old, 14, 50).text_pooling == "mean"
     assert options.model_config(old, 14, 50).word_dropout == 0.0
     assert not options.model_config(old, 14, 50).sentence_shuffle
+    assert not options.model_config(old, 14, 50).sentence_attention
 
 
 # --------------------------------------------------------------------------------- what the tokenizer reads
@@ -127,10 +133,11 @@ def reports(B=6, seed=0):
     return t, lengths
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean"])
-def test_padding_never_changes_the_report_feature(pooling):
+@pytest.mark.parametrize("pooling, sentences", [("attention", False), ("mean", False), ("attention", True)])
+def test_padding_never_changes_the_report_feature(pooling, sentences):
     torch.manual_seed(0)
-    encoder = TextEncoder(VKDConfig(**SMALL | {"text_pooling": pooling})).eval()
+    config = VKDConfig(**SMALL | {"text_pooling": pooling, "sentence_attention": sentences, "sentence_end": 9})
+    encoder = TextEncoder(config).eval()
     t, lengths = reports()
     h = encoder(t)                                                               # (B, C)
     for i, n in enumerate(lengths.tolist()):
@@ -214,6 +221,36 @@ def test_sentence_shuffle_reorders_whole_sentences_in_training_only():
     assert torch.equal(seen[-1], t)                              # evaluation reads the report as written
     with pytest.raises(AssertionError, match="sentence_end"):
         TextEncoder(VKDConfig(**SMALL, sentence_shuffle=True))   # no id of "." given
+
+
+def test_sentence_attention_keeps_each_sentence_to_itself():
+    """With sentence_attention, the features of a sentence's tokens do not depend on any other sentence; without
+    it they do. Word dropout never drops the "." that ends a sentence there."""
+    from model import UNK, sentence_mask
+    dot = 9
+    t = torch.tensor([[2, 3, dot, 4, 5, dot, 6, 0],            # "2 3 ." "4 5 ." "6", then padding
+                      [7, 8, 6, 5, 4, 3, 2, 0]])               # one sentence without "."
+    allowed = ~sentence_mask(t, dot)
+    assert allowed[0, :3, :3].all() and not allowed[0, :3, 3:].any()          # the first sentence sees itself only
+    assert allowed[0, 6].tolist() == [False] * 6 + [True, False]              # "6" sees itself, never the padding
+    assert allowed[:, 7, 7].all()                                             # padding sees itself: no row is empty
+    assert allowed[1, :7, :7].all() and not allowed[1, :7, 7].any()           # one sentence: every word, no padding
+    changed = t.clone()
+    changed[0, 3] = 8                                                         # a word of the second sentence
+    for sentences, first_sentence_moves in ((True, False), (False, True)):
+        torch.manual_seed(0)
+        config = VKDConfig(**SMALL | {"sentence_attention": sentences, "sentence_end": dot, "text_layers": 2})
+        encoder = TextEncoder(config).eval()
+        features = []
+        encoder.norm.register_forward_hook(lambda module, inputs, output: features.append(output))
+        encoder(t), encoder(changed)
+        assert torch.allclose(features[0][0, :3], features[1][0, :3]) != first_sentence_moves
+        assert not torch.allclose(features[0][0, 3:6], features[1][0, 3:6])   # the changed sentence does move
+    encoder = TextEncoder(VKDConfig(**SMALL, word_dropout=0.9, sentence_attention=True, sentence_end=dot)).train()
+    seen = []
+    encoder.token_embedding.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    encoder(t.repeat(50, 1))
+    assert (seen[-1][t.repeat(50, 1) == dot] == dot).all() and (seen[-1] == UNK).sum() > 300
 
 
 def test_attention_pooling_can_attend_to_one_token():
