@@ -118,7 +118,7 @@ class TextEncoder(nn.Module):
         self.pool = AttentionPooling(cfg.text_dim, cfg.text_heads) if cfg.text_pooling == "attention" else None
         self.word_dropout = cfg.word_dropout
         uses_sentences = cfg.sentence_shuffle or cfg.sentence_attention
-        assert not uses_sentences or cfg.sentence_end >= 0, "sentence_shuffle/_attention need sentence_end, the id of '.'"
+        assert not uses_sentences or cfg.sentence_end >= 0, "sentence_shuffle/attention need sentence_end, the '.'"
         self.sentence_end = cfg.sentence_end if uses_sentences else None
         self.sentence_shuffle, self.sentence_attention = cfg.sentence_shuffle, cfg.sentence_attention
         self.heads = cfg.text_heads
@@ -137,7 +137,8 @@ class TextEncoder(nn.Module):
         positions = torch.arange(T, device=t.device)
         h = self.token_embedding(t) + self.position_embedding(positions)[None]  # (B, T, C)
         if self.sentence_attention:
-            mask = sentence_mask(t, self.sentence_end).repeat_interleave(self.heads, dim=0)   # (B * heads, T, T)
+            mask = sentence_mask(t, self.sentence_end)                           # (B, T, T), padding included
+            mask = mask.repeat_interleave(self.heads, dim=0)     # (B * heads, T, T): row b * heads + h, per head
             h = self.norm(self.encoder(h, mask=mask))                            # (B, T, C)
         else:
             h = self.norm(self.encoder(h, src_key_padding_mask=padding))         # (B, T, C)
@@ -155,7 +156,9 @@ def sentence_ids(t, end):
 
 def sentence_mask(t, end):
     """(B, T) token ids -> (B, T, T) attention mask, True where token i may not attend to token j: j is in another
-    sentence, or is padding. A token always sees itself, so that no row is all True (padding gets a row too)."""
+    sentence, or is padding. A padding token sees only itself (the pooling ignores it), so no row is all True.
+    In training with shuffle_sentences, a last sentence without "." (cut at max_len, or no full stop: 7% of OpenI's
+    reports) joins the sentence shuffled after it; like "1.5 cm" (shuffle_sentences), noise only."""
     sentence = sentence_ids(t, end)
     allowed = (sentence[:, :, None] == sentence[:, None, :]) & (t != PAD)[:, None, :]
     allowed |= torch.eye(t.shape[1], dtype=torch.bool, device=t.device)

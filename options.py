@@ -25,11 +25,11 @@ AUTHORS = {"posterior_input": "report", "classifier_input": "z+image", "kl_direc
 # the word, and positives are weighted by sqrt(negatives / positives). OpenI has only 2,600 training reports, and
 # on its validation splits (split seeds 0, 1, 2; picked with a script outside the project) a transformer of one
 # layer, 128 wide, with word dropout 0.2 and its sentences shuffled scored highest, and 30 epochs did better than
-# 20 in one run without sentence shuffling (see docs/RESULTS.md). Drawing the images of rare labels more often
-# (--oversample) scored higher with each of three training seeds; with it, no dropout inside the transformer
-# scored the same as 0.1 and takes about a third less time on a CPU (drawing dropout masks is slow there). On top
-# of these, attention within each sentence only (--sentence-attention) scored higher with each of three training
-# seeds. Its batches group reports of similar length (--group-by-length), each cut to its longest.
+# 20 in one run without sentence shuffling or the settings below (see docs/RESULTS.md). Drawing the images of rare
+# labels more often (--oversample) scored higher with each of three training seeds; with it, no dropout inside the
+# transformer scored the same as 0.1 and takes about a third less time on a CPU (drawing dropout masks is slow
+# there). On top of these, attention within each sentence only (--sentence-attention) scored higher with each of
+# three training seeds. Its batches group reports of similar length (--group-by-length), each cut to its longest.
 # The demo keeps the settings its numbers were measured with; MIMIC-CXR (not measured here) keeps the encoder of
 # the other collections.
 DATA_DEFAULTS = {

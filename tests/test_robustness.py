@@ -181,8 +181,8 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
     assert grouped and all(grouped)                      # train.py passes the lengths on to every batch
     config = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model_config"]
     dot = train.data.load_tokenizer(tmp_path / "whole" / "tokenizer.json").token_to_id(".")
-    assert config["sentence_end"] == dot and config["sentence_shuffle"] and config["sentence_attention"]
-    assert dot > 1                                                            # train.py gives the id of "."
+    assert dot > 1 and config["sentence_end"] == dot                        # train.py gives the id of "."
+    assert config["sentence_shuffle"] and config["sentence_attention"]
     steps = steps_per_epoch(tmp_path / "whole")
     monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
     with pytest.raises(KeyboardInterrupt):
