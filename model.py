@@ -157,8 +157,8 @@ def sentence_ids(t, end):
 def sentence_mask(t, end):
     """(B, T) token ids -> (B, T, T) attention mask, True where token i may not attend to token j: j is in another
     sentence, or is padding. A padding token sees only itself (the pooling ignores it), so no row is all True.
-    In training with shuffle_sentences, a last sentence without "." (cut at max_len, or no full stop: 7% of OpenI's
-    reports) joins the sentence shuffled after it; like "1.5 cm" (shuffle_sentences), noise only."""
+    In training with shuffle_sentences, a last sentence without "." (a report cut at max_len, or without a full
+    stop) joins the sentence shuffled after it; like "1.5 cm" (shuffle_sentences), noise only."""
     sentence = sentence_ids(t, end)
     allowed = (sentence[:, :, None] == sentence[:, None, :]) & (t != PAD)[:, None, :]
     allowed |= torch.eye(t.shape[1], dtype=torch.bool, device=t.device)

@@ -167,12 +167,14 @@ def test_resume_from_a_damaged_last_checkpoint_says_so(tmp_path):
 
 
 def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted, tmp_path, monkeypatch):
-    """OpenI's defaults: batches grouped by report length (their order comes from the epoch's seeded generator),
-    word dropout and sentence shuffling (they draw from the saved RNG state), attention within sentences, still give
-    an exact resume after a Ctrl-C mid-epoch."""
+    """OpenI's defaults: batches grouped by report length and rare labels drawn more often (the order and the draws
+    come from the epoch's seeded generator), word dropout and sentence shuffling (they draw from the saved RNG
+    state), attention within sentences and no transformer dropout still give an exact resume after a Ctrl-C
+    mid-epoch."""
     _, data_dir = uninterrupted
     options = TINY + ["--data-dir", str(data_dir), "--epochs", "2", "--group-by-length", "--word-dropout", "0.2",
-                      "--sentence-shuffle", "--sentence-attention", "--method", "text"]
+                      "--sentence-shuffle", "--sentence-attention", "--oversample", "--dropout", "0",
+                      "--method", "text"]
     cut = batching.batch_tokens
     grouped = []                                         # whether each batch came with its reports' lengths
     monkeypatch.setattr(batching, "batch_tokens", lambda tokens, idx, batch_lengths=None:
@@ -182,7 +184,7 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
     config = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model_config"]
     dot = train.data.load_tokenizer(tmp_path / "whole" / "tokenizer.json").token_to_id(".")
     assert dot > 1 and config["sentence_end"] == dot                        # train.py gives the id of "."
-    assert config["sentence_shuffle"] and config["sentence_attention"]
+    assert config["sentence_shuffle"] and config["sentence_attention"] and config["dropout"] == 0
     steps = steps_per_epoch(tmp_path / "whole")
     monkeypatch.setenv("VKD_TEST_SIGNAL_AT_STEP", f"{steps + 3}:SIGINT")
     with pytest.raises(KeyboardInterrupt):
