@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 import data
 import evaluate
-import options
-from compare import NOT_THE_METHOD, compare_runs, p_value
+from vkd import options
+from vkd.compare import NOT_THE_METHOD, compare_runs, p_value
 from metrics import auroc_summary
 from model import gaussian_kl
-from pictures import PlotError, pyplot
-from runtime import cpu_name
+from vkd.pictures import PlotError, pyplot
+from vkd.runtime import cpu_name
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("image", "vkd", "text")

@@ -1,13 +1,14 @@
-"""compare.py: runs grouped into methods by their configs, seeds averaged, paired differences to the first."""
+"""compare.py: runs grouped into methods by their configs, seeds averaged, paired differences to the
+first."""
 import json
 
 import numpy as np
 import pytest
 
 import evaluate
-from compare import Evaluated, compare_runs, format_comparison, group_runs, p_value
+from vkd.compare import Evaluated, compare_runs, format_comparison, group_runs, p_value
 from metrics import SUMMARY_KEYS, auroc_summary
-from reports import DataError
+from vkd.reports import DataError
 
 
 def config(**changes):
@@ -15,15 +16,16 @@ def config(**changes):
 
 
 def test_runs_differing_only_in_the_seed_are_one_method():
-    configs = [config(method="image"), config(), config(seed=1, out="runs/y"), config(method="image", seed=1),
-               config(beta=1.0), config()]
+    configs = [config(method="image"), config(), config(seed=1, out="runs/y"),
+               config(method="image", seed=1), config(beta=1.0), config()]
     assert group_runs(configs) == [[0, 3], [1, 2], [4], [5]]   # a repeated seed is a new method
 
 
 def test_a_run_saved_before_an_option_existed_groups_with_runs_at_its_default():
     old = {"method": "vkd", "beta": 0.1, "seed": 0}
-    new = old | {"seed": 1, "kl_direction": "qp", "train_fraction": 1.0, "posterior_input": "image+report",
-                 "group_by_length": False, "word_dropout": 0.0, "sentence_shuffle": False}
+    new = old | {"seed": 1, "kl_direction": "qp", "train_fraction": 1.0,
+                 "posterior_input": "image+report", "group_by_length": False, "word_dropout": 0.0,
+                 "sentence_shuffle": False}
     authors = old | {"seed": 2, "kl_direction": "pq"}
     grouped = old | {"seed": 3, "group_by_length": True}
     assert group_runs([old, new, authors, grouped]) == [[0, 1], [2], [3]]
@@ -32,15 +34,16 @@ def test_a_run_saved_before_an_option_existed_groups_with_runs_at_its_default():
 def fake_run(y, p, seed, method="vkd", unit="reports"):
     checkpoint = {"config": config(method=method, seed=seed), "split_sha256": "s", "epoch": 2,
                   "label_names": ["A", "B", "C"]}
-    return Evaluated(y, p, np.arange(len(y)) // 2, unit, evaluate.prediction_name(method, 0), checkpoint)
+    return Evaluated(y, p, np.arange(len(y)) // 2, unit, evaluate.prediction_name(method, 0),
+                     checkpoint)
 
 
 def test_comparison_of_seeds_and_an_identical_run():
     rng = np.random.default_rng(9)
     y = (rng.random((200, 3)) < 0.4).astype(float)
     predictions = [rng.random((200, 3)) + s * 0.2 * y for s in range(4)]
-    runs = [fake_run(y, predictions[0], 0, "image"), fake_run(y, predictions[1], 0), fake_run(y, predictions[2], 1),
-            fake_run(y, predictions[0], 0, "image")]
+    runs = [fake_run(y, predictions[0], 0, "image"), fake_run(y, predictions[1], 0),
+            fake_run(y, predictions[2], 1), fake_run(y, predictions[0], 0, "image")]
     result = compare_runs(["a", "b", "c", "d"], runs, num_resamples=100)
     image, vkd, same = result["methods"]
     assert [m["name"] for m in result["methods"]] == ["image #1", "vkd", "image #3"]

@@ -1,4 +1,5 @@
-"""Download, resume, verification, safe extraction and offline handling against a local HTTP server."""
+"""Download, resume, verification, safe extraction and offline handling against a local HTTP
+server."""
 import hashlib
 import io
 import socket
@@ -9,14 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-import download as dl
-from reports import DataError
-from download import download, fetch_openi, safe_extract
+from vkd import download as dl
+from vkd.reports import DataError
+from vkd.download import download, fetch_openi, safe_extract
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves server.files by path; honours Range; can fail with 503, ignore Range, send the wrong range (from 0
-    as a 206), or cut a body once."""
+    """Serves server.files by path; honours Range; can fail with 503, ignore Range, send the wrong
+    range (from 0 as a 206), or cut a body once."""
 
     def do_GET(self):
         server = self.server
@@ -42,7 +43,8 @@ class Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if server.cut_after is not None:                        # promise the whole body, send a part, hang up
+        # promise the whole body, send a part, hang up
+        if server.cut_after is not None:
             body, server.cut_after = body[:server.cut_after], None
         self.wfile.write(body)
 
@@ -115,7 +117,8 @@ def reports_tgz():
 
 
 def images_tgz():
-    return make_tar([(f"NLMCXR_png/CXR{i}_1_IM-0001-1001.png", b"\x89PNG\r\n\x1a\n" + payload(500, i))
+    return make_tar([(f"NLMCXR_png/CXR{i}_1_IM-0001-1001.png",
+                      b"\x89PNG\r\n\x1a\n" + payload(500, i))
                      for i in (1, 2)])
 
 
@@ -124,7 +127,7 @@ def serve(server, name, data):
     return f"{server.url}/{name}"
 
 
-# ------------------------------------------------------------------------------------------- download
+# ---------------------------------------------------------------------------------------- download
 
 def test_full_download_with_checksum(server, tmp_path):
     data = payload()
@@ -218,17 +221,18 @@ def test_206_with_the_wrong_range_is_restarted(server, tmp_path):
 def test_part_longer_than_the_file_is_restarted(server, tmp_path):
     data, dest = payload(), tmp_path / "a.bin"
     (tmp_path / "a.bin.part").write_bytes(data + b"stale tail")
-    download(serve(server, "a.bin", data), dest)                # no checksum: only the 416 total tells
+    # no checksum: only the 416 total tells
+    download(serve(server, "a.bin", data), dest)
     assert [r for _, r in server.requests] == [f"bytes={len(data) + 10}-", None]
     assert dest.read_bytes() == data
 
 
-# ----------------------------------------------------------------------------------------- extraction
+# -------------------------------------------------------------------------------------- extraction
 
 @pytest.fixture(params=["data filter", "explicit checks"])
 def extraction(request, monkeypatch):
-    """Run a test on both ways of extracting: tarfile's "data" filter (where this Python has it) and the
-    explicit member checks. Returns the calls made to tarfile.data_filter."""
+    """Run a test on both ways of extracting: tarfile's "data" filter (where this Python has it) and
+    the explicit member checks. Returns the calls made to tarfile.data_filter."""
     filtered = request.param == "data filter"
     if filtered and not hasattr(tarfile, "data_filter"):
         pytest.skip("this Python's tarfile has no extraction filters")
@@ -236,7 +240,8 @@ def extraction(request, monkeypatch):
     calls = []
     if filtered:
         original = tarfile.data_filter
-        monkeypatch.setattr(tarfile, "data_filter", lambda member, path: calls.append(member.name) or
+        monkeypatch.setattr(tarfile, "data_filter",
+                            lambda member, path: calls.append(member.name) or
                             original(member, path))
     return calls
 
@@ -244,7 +249,8 @@ def extraction(request, monkeypatch):
 def test_safe_extract_writes_files_and_cleans_up(tmp_path, extraction):
     (tmp_path / "x.tgz").write_bytes(images_tgz())
     target = safe_extract(tmp_path / "x.tgz", tmp_path / "out")
-    assert sorted(p.name for p in target.rglob("*.png")) == ["CXR1_1_IM-0001-1001.png", "CXR2_1_IM-0001-1001.png"]
+    assert sorted(p.name for p in target.rglob("*.png")) == ["CXR1_1_IM-0001-1001.png",
+                                                            "CXR2_1_IM-0001-1001.png"]
     with tarfile.open(tmp_path / "x.tgz") as archive:
         for member in archive.getmembers():
             assert (target / member.name).read_bytes() == archive.extractfile(member).read()
@@ -252,7 +258,8 @@ def test_safe_extract_writes_files_and_cleans_up(tmp_path, extraction):
     assert not (tmp_path / "out.partial").exists()
 
 
-@pytest.mark.parametrize("hostile, reason", [("traversal", "outside the target"), ("absolute", "absolute path"),
+@pytest.mark.parametrize("hostile, reason", [("traversal", "outside the target"),
+                                             ("absolute", "absolute path"),
                                              ("symlink", "is a link"), ("hardlink", "is a link"),
                                              ("fifo", "special file")])
 def test_hostile_archive_is_refused_and_nothing_is_written(tmp_path, hostile, reason, extraction):
@@ -264,15 +271,18 @@ def test_hostile_archive_is_refused_and_nothing_is_written(tmp_path, hostile, re
         "hardlink": special("ok/hard", tarfile.LNKTYPE, "../evil"),
         "fifo": special("ok/pipe", tarfile.FIFOTYPE),
     }[hostile]
-    (tmp_path / "x.tgz").write_bytes(make_tar([("ok/first.txt", b"fine"), member, ("ok/last.txt", b"fine")]))
+    (tmp_path / "x.tgz").write_bytes(make_tar([("ok/first.txt", b"fine"), member,
+                                               ("ok/last.txt", b"fine")]))
     target = tmp_path / "sub" / "out"
     with pytest.raises(DataError, match="refusing") as error:
         safe_extract(tmp_path / "x.tgz", target)
     name = member[0] if isinstance(member, tuple) else member.name
     assert repr(name) in str(error.value) and reason in str(error.value)
-    assert not outside.exists() and not (tmp_path / "sub").exists()     # nothing outside, nothing inside
+    # nothing outside, nothing inside
+    assert not outside.exists() and not (tmp_path / "sub").exists()
+    # the explicit checks refuse it too
     assert dl._refusal(member if isinstance(member, tarfile.TarInfo) else tarfile.TarInfo(name),
-                       str(target)) is not None                         # the explicit checks refuse it too
+                       str(target)) is not None
     if dl.USE_TAR_FILTER:
         assert name in extraction                                        # and the filter was asked
 
@@ -280,14 +290,15 @@ def test_hostile_archive_is_refused_and_nothing_is_written(tmp_path, hostile, re
 @pytest.mark.parametrize("cut", ["half", "trailer"])
 def test_truncated_archive_is_refused_as_corrupt(tmp_path, cut, extraction):
     data = images_tgz()
-    data = data[:len(data) // 2] if cut == "half" else data[:-4]  # -4: only the gzip length field is lost
+    # -4: only the gzip length field is lost
+    data = data[:len(data) // 2] if cut == "half" else data[:-4]
     (tmp_path / "x.tgz").write_bytes(data)
     with pytest.raises(DataError, match="corrupt or truncated.*download it again"):
         safe_extract(tmp_path / "x.tgz", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tgz"]
 
 
-# --------------------------------------------------------------------------------------------- OpenI
+# ------------------------------------------------------------------------------------------- OpenI
 
 def test_fetch_openi_downloads_verifies_and_extracts(server, tmp_path):
     reports, images = reports_tgz(), images_tgz()
@@ -300,15 +311,18 @@ def test_fetch_openi_downloads_verifies_and_extracts(server, tmp_path):
     assert len(list(images_root.rglob("*.png"))) == 2
     assert not list(root.glob("*.part")) and not list(root.glob("*.partial"))
     assert len(server.requests) == 2
-    fetch_openi(tmp_path, server.url, reports_sha256=file_sha256_bytes(reports), reports_size=len(reports))
+    fetch_openi(tmp_path, server.url, reports_sha256=file_sha256_bytes(reports),
+                reports_size=len(reports))
     assert len(server.requests) == 2                            # second run: everything is there
 
 
 def test_fetch_openi_deletes_its_own_corrupt_image_download(server, tmp_path):
     serve(server, "NLMCXR_reports.tgz", reports := reports_tgz())
-    serve(server, "NLMCXR_png.tgz", images_tgz()[:-100])        # no checksum known: only extraction can tell
+    # no checksum known: only extraction can tell
+    serve(server, "NLMCXR_png.tgz", images_tgz()[:-100])
     with pytest.raises(DataError, match="corrupt or truncated.*deleted; run again"):
-        fetch_openi(tmp_path, server.url, reports_sha256=file_sha256_bytes(reports), reports_size=len(reports))
+        fetch_openi(tmp_path, server.url, reports_sha256=file_sha256_bytes(reports),
+                    reports_size=len(reports))
     assert sorted(p.name for p in (tmp_path / "openi").iterdir()) == ["NLMCXR_reports.tgz"]
 
 
@@ -334,13 +348,15 @@ def test_fetch_openi_uses_present_files_without_any_request(server, tmp_path, pr
         (root / "NLMCXR_png").mkdir()
     _, reports_source, images_root = fetch_openi(tmp_path, server.url)
     assert server.requests == []
-    assert reports_source == root / ("ecgen-radiology" if present == "folders" else "NLMCXR_reports.tgz")
+    assert reports_source == root / ("ecgen-radiology" if present == "folders"
+                                     else "NLMCXR_reports.tgz")
     assert images_root == root / "NLMCXR_png" and images_root.is_dir()
 
 
 @pytest.mark.parametrize("layout", ["archives", "extracted"])
 def test_fetch_openi_uses_files_put_directly_in_data_dir_by_hand(server, tmp_path, layout):
-    """--data-dir ~/Downloads/openi holding the two archives, or ecgen-radiology/ and a folder of PNGs."""
+    """--data-dir ~/Downloads/openi holding the two archives, or ecgen-radiology/ and a folder of
+    PNGs."""
     if layout == "archives":
         (tmp_path / "NLMCXR_reports.tgz").write_bytes(reports_tgz())
         (tmp_path / "NLMCXR_png.tgz").write_bytes(images_tgz())
@@ -352,10 +368,13 @@ def test_fetch_openi_uses_files_put_directly_in_data_dir_by_hand(server, tmp_pat
     root, reports_source, images_root = fetch_openi(tmp_path, server.url)
     assert server.requests == [] and root == tmp_path and not (tmp_path / "openi").exists()
     if layout == "archives":
-        assert reports_source == tmp_path / "NLMCXR_reports.tgz" and images_root == tmp_path / "NLMCXR_png"
-        assert len(list(images_root.rglob("*.png"))) == 2                       # extracted next to the archive
+        assert reports_source == tmp_path / "NLMCXR_reports.tgz" \
+            and images_root == tmp_path / "NLMCXR_png"
+        # extracted next to the archive
+        assert len(list(images_root.rglob("*.png"))) == 2
     else:
-        assert reports_source == tmp_path / "ecgen-radiology" and images_root == tmp_path / "my pngs"
+        assert reports_source == tmp_path / "ecgen-radiology" \
+            and images_root == tmp_path / "my pngs"
 
 
 def test_two_folders_of_pngs_by_hand_are_not_guessed_between(server, tmp_path):
@@ -363,7 +382,8 @@ def test_two_folders_of_pngs_by_hand_are_not_guessed_between(server, tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.png").write_bytes(b"png")
-    with pytest.raises(DataError, match="several folders of PNGs \\(a, b\\); rename the one .* to NLMCXR_png"):
+    with pytest.raises(DataError,
+                       match="several folders of PNGs \\(a, b\\); rename the one .* to NLMCXR_png"):
         fetch_openi(tmp_path, server.url)
     assert server.requests == []
 
@@ -376,7 +396,8 @@ def test_offline_message_names_files_urls_and_places(tmp_path):
     root = tmp_path / "openi"
     for name in ("NLMCXR_reports.tgz", "NLMCXR_png.tgz"):
         assert f"{base_url}/{name}" in message
-    assert f"{root}/" in message and str(root / "ecgen-radiology") in message and str(root / "NLMCXR_png") in message
+    assert f"{root}/" in message and str(root / "ecgen-radiology") in message \
+        and str(root / "NLMCXR_png") in message
     assert list(root.iterdir()) == []
 
 
@@ -385,8 +406,8 @@ def test_offline_after_a_partial_download_keeps_the_part_and_says_so(server, tmp
     serve(server, "NLMCXR_reports.tgz", reports)
     server.cut_after = 100
     with pytest.raises(DataError) as error:
-        fetch_openi(tmp_path, server.url, reports_sha256=file_sha256_bytes(reports), reports_size=len(reports),
-                    retries=0)
+        fetch_openi(tmp_path, server.url, reports_sha256=file_sha256_bytes(reports),
+                    reports_size=len(reports), retries=0)
     part = tmp_path / "openi" / "NLMCXR_reports.tgz.part"
     assert str(part) in str(error.value) and "resumed" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "openi").iterdir()) == [part.name]

@@ -1,5 +1,5 @@
-"""metrics.py against scikit-learn and closed forms: AUROC, AUPRC, NaN (unobserved) labels, bootstrap intervals
-and paired differences."""
+"""metrics.py against scikit-learn and closed forms: AUROC, AUPRC, NaN (unobserved) labels,
+bootstrap intervals and paired differences."""
 import json
 
 import numpy as np
@@ -7,13 +7,14 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import evaluate
-from calibration import expected_calibration_error
-from metrics import (SUMMARY_KEYS, auroc, auroc_summary, average_precision, average_ranks, bootstrap_draws,
-                     bootstrap_indices, metric_summary, paired_difference)
+from vkd.calibration import expected_calibration_error
+from metrics import (SUMMARY_KEYS, auroc, auroc_summary, average_precision, average_ranks,
+                     bootstrap_draws, bootstrap_indices, metric_summary, paired_difference)
 
 
 def test_average_ranks_with_ties():
-    np.testing.assert_array_equal(average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])), [4, 1, 4, 2, 4])
+    np.testing.assert_array_equal(average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])),
+                                  [4, 1, 4, 2, 4])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -22,9 +23,11 @@ def test_auroc_and_auprc_match_sklearn_with_ties(seed):
     y = rng.random(300) < 0.3
     score = np.round(rng.random(300) + 0.3 * y, 1)             # rounding makes many ties
     assert auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
-    assert average_precision(y, score) == pytest.approx(average_precision_score(y, score), abs=1e-12)
+    assert average_precision(y, score) == pytest.approx(average_precision_score(y, score),
+                                                        abs=1e-12)
     continuous = rng.random(300) + 0.5 * y
-    assert average_precision(y, continuous) == pytest.approx(average_precision_score(y, continuous), abs=1e-12)
+    assert average_precision(y, continuous) == pytest.approx(
+        average_precision_score(y, continuous), abs=1e-12)
 
 
 def test_degenerate_cases_are_undefined_not_zero():
@@ -47,18 +50,21 @@ def test_nan_labels_are_left_out_of_every_metric():
     y[:, 2] = np.nan                                           # a label never observed
     for k in (0, 1, 3, 4):
         keep = ~np.isnan(y[:, k])
-        assert auroc(y[:, k], p[:, k]) == pytest.approx(roc_auc_score(y[keep, k], p[keep, k]), abs=1e-12)
+        assert auroc(y[:, k], p[:, k]) == pytest.approx(
+            roc_auc_score(y[keep, k], p[keep, k]), abs=1e-12)
         assert average_precision(y[:, k], p[:, k]) == pytest.approx(
             average_precision_score(y[keep, k], p[keep, k]), abs=1e-12)
     s = auroc_summary(y, p)
     keep = ~np.isnan(y)
     assert np.isnan(s["per_label"][2]) and s["defined"].sum() == 4
     assert s["micro"] == pytest.approx(roc_auc_score(y[keep], p[keep]), abs=1e-12)
-    metrics = evaluate.metrics_report(y, p, np.arange(400) // 2, num_resamples=50, label_names=list("ABCDE"))
+    metrics = evaluate.metrics_report(y, p, np.arange(400) // 2, num_resamples=50,
+                                      label_names=list("ABCDE"))
     assert "NaN" not in json.dumps(metrics)
     assert metrics["per_label"]["A"]["positives"] == int(np.nansum(y[:, 0]))
     assert metrics["per_label"]["A"]["observed"] == int(keep[:, 0].sum())
-    assert metrics["per_label"]["C"]["auroc"] is None and metrics["labels_skipped_in_macro"] == ["C"]
+    assert (metrics["per_label"]["C"]["auroc"] is None
+            and metrics["labels_skipped_in_macro"] == ["C"])
     assert expected_calibration_error(y[:, 0], p[:, 0]) == pytest.approx(
         expected_calibration_error(y[keep[:, 0], 0], p[keep[:, 0], 0]))
 
@@ -74,7 +80,8 @@ def test_macro_and_micro_match_sklearn_and_skip_undefined_labels():
     assert s["micro"] == pytest.approx(roc_auc_score(y, p, average="micro"))
     assert np.isnan(s["per_label"][4]) and not s["defined"][4] and s["defined"].sum() == 13
     s = metric_summary(average_precision, y, p)
-    assert s["macro"] == pytest.approx(average_precision_score(y[:, keep], p[:, keep], average="macro"))
+    assert s["macro"] == pytest.approx(average_precision_score(y[:, keep], p[:, keep],
+                                                               average="macro"))
     assert s["micro"] == pytest.approx(average_precision_score(y, p, average="micro"))
 
 
@@ -82,16 +89,17 @@ def test_bootstrap_on_a_rare_label_never_gives_nan():
     rng = np.random.default_rng(1)
     y = (rng.random((120, 14)) < 0.3).astype(float)
     y[:, 3] = 0
-    y[7, 3] = 1                                                 # one positive: many resamples have one class
-    y[:, 5] = 0                                                 # never positive: no interval at all
+    y[7, 3] = 1                                        # one positive: many resamples have one class
+    y[:, 5] = 0                                        # never positive: no interval at all
     p = rng.random((120, 14))
-    groups = np.repeat(np.arange(60), 2)                        # two images per report
+    groups = np.repeat(np.arange(60), 2)               # two images per report
     draws = bootstrap_draws(y, [p], groups, num_resamples=200)[0]
     assert np.isnan(draws["auroc"][:, 3]).any() and not np.isnan(draws["auroc"][:, 3]).all()
     assert not np.isnan(draws["macro_auroc"]).any() and not np.isnan(draws["macro_auprc"]).any()
     metrics = evaluate.metrics_report(y, p, groups, num_resamples=200)
     assert "NaN" not in json.dumps(metrics)
-    assert metrics["per_label"]["Edema"]["auroc"] is None and metrics["per_label"]["Edema"]["auroc_ci95"] is None
+    assert (metrics["per_label"]["Edema"]["auroc"] is None
+            and metrics["per_label"]["Edema"]["auroc_ci95"] is None)
     assert metrics["per_label"]["Edema"]["auprc_ci95"] is None
     assert metrics["labels_skipped_in_macro"] == ["Edema"]
     for metric in ("auroc", "auprc"):
@@ -124,8 +132,8 @@ def test_paired_bootstrap_detects_a_real_difference():
 def test_the_metrics_say_what_the_bootstrap_resampled():
     rng = np.random.default_rng(3)
     y, p = (rng.random((60, 2)) < 0.5).astype(float), rng.random((60, 2))
-    metrics = evaluate.metrics_report(y, p, np.arange(60) // 6, num_resamples=20, label_names=["A", "B"],
-                                      unit="patients")
+    metrics = evaluate.metrics_report(y, p, np.arange(60) // 6, num_resamples=20,
+                                      label_names=["A", "B"], unit="patients")
     assert metrics["bootstrap_unit"] == "patients" and metrics["num_bootstrap_units"] == 10
     assert "95% bootstrap over 10 patients" in evaluate.format_metrics(metrics, "title")
 

@@ -1,4 +1,5 @@
-"""Model: the KL, the reparameterisation, the loss parts of each method, and image-only inference."""
+"""Model: the KL, the reparameterisation, the loss parts of each method, and image-only
+inference."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +7,8 @@ from torch.distributions import Normal, kl_divergence
 
 from model import METHODS, VKD, VKDConfig, TextEncoder, bce, gaussian_kl, reparameterize
 
-SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2, text_layers=1)
+SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2,
+             text_layers=1)
 
 
 def batch(B=6, size=32, seed=0):
@@ -22,7 +24,8 @@ def test_gaussian_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
     mu_q, mu_p = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
     logvar_q, logvar_p = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
-    expected = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()), Normal(mu_p, (0.5 * logvar_p).exp())).sum(-1)
+    expected = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()),
+                             Normal(mu_p, (0.5 * logvar_p).exp())).sum(-1)
     torch.testing.assert_close(gaussian_kl(mu_q, logvar_q, mu_p, logvar_p), expected)
     # direction matters: KL(q || p) != KL(p || q) in general (the authors' code had it reversed)
     assert not torch.allclose(gaussian_kl(mu_p, logvar_p, mu_q, logvar_q), expected)
@@ -32,7 +35,8 @@ def test_gaussian_kl_matches_torch_distributions():
 def test_reparameterize_moments_and_gradients():
     torch.manual_seed(0)
     mu = torch.tensor([[1.5, -2.0]], requires_grad=True)
-    logvar = torch.tensor([[0.0, 2 * torch.log(torch.tensor(3.0)).item()]], requires_grad=True)  # sigma = 1, 3
+    # sigma = 1, 3
+    logvar = torch.tensor([[0.0, 2 * torch.log(torch.tensor(3.0)).item()]], requires_grad=True)
     z = reparameterize(mu, logvar, num_samples=200_000)                    # (S, 1, 2)
     assert z.shape == (200_000, 1, 2)
     torch.testing.assert_close(z.mean(0), mu.detach(), atol=0.03, rtol=0)
@@ -45,7 +49,8 @@ def test_reparameterize_moments_and_gradients():
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_parts_per_method(method):
     torch.manual_seed(0)
-    model = VKD(VKDConfig(method=method, **SMALL)).eval()             # eval: no dropout, so parts are repeatable
+    # eval: no dropout, so parts are repeatable
+    model = VKD(VKDConfig(method=method, **SMALL)).eval()
     x, t, y = batch()
     torch.manual_seed(1)
     parts = model(x, t, y, beta=0.5, prior_weight=2.0)
@@ -54,27 +59,31 @@ def test_loss_parts_per_method(method):
     h_x, mu_p, logvar_p = model.encode_prior(x)
     torch.manual_seed(1)
     if method == "image":
-        expected_prior = F.binary_cross_entropy_with_logits(model.classifier(mu_p), y, reduction="sum") / len(y)
+        expected_prior = F.binary_cross_entropy_with_logits(model.classifier(mu_p), y,
+                                                            reduction="sum") / len(y)
         torch.testing.assert_close(parts["bce_prior"], expected_prior)
         torch.testing.assert_close(parts["loss"], expected_prior)
         assert model.text_encoder is None and parts["kl"] == 0 and parts["bce_posterior"] == 0
         return
     mu_q, logvar_q = model.encode_posterior(h_x, t)
     z_q = reparameterize(mu_q, logvar_q)
-    expected_posterior = F.binary_cross_entropy_with_logits(model.classifier(z_q[0]), y, reduction="sum") / len(y)
+    expected_posterior = F.binary_cross_entropy_with_logits(model.classifier(z_q[0]), y,
+                                                            reduction="sum") / len(y)
     torch.testing.assert_close(parts["bce_posterior"], expected_posterior)
     if method == "text":
         assert parts["bce_prior"] == 0 and parts["kl"] == 0
         torch.testing.assert_close(parts["loss"], expected_posterior)
         return
     z_p = reparameterize(mu_p, logvar_p)
-    expected_prior = F.binary_cross_entropy_with_logits(model.classifier(z_p[0]), y, reduction="sum") / len(y)
+    expected_prior = F.binary_cross_entropy_with_logits(model.classifier(z_p[0]), y,
+                                                        reduction="sum") / len(y)
     q = Normal(mu_q, (0.5 * logvar_q).exp())
     p = Normal(mu_p, (0.5 * logvar_p).exp())
     expected_kl = kl_divergence(q, p).sum(-1).mean()                 # KL(q || p), not KL(p || q)
     torch.testing.assert_close(parts["bce_prior"], expected_prior)
     torch.testing.assert_close(parts["kl"], expected_kl)
-    torch.testing.assert_close(parts["loss"], expected_posterior + 2.0 * expected_prior + 0.5 * expected_kl)
+    torch.testing.assert_close(parts["loss"],
+                               expected_posterior + 2.0 * expected_prior + 0.5 * expected_kl)
 
 
 def test_training_step_under_bf16_autocast_on_cpu():
@@ -101,7 +110,7 @@ def test_predict_never_runs_the_text_encoder():
     p_s, std_s = model.predict(x, num_samples=16)
     assert p_s.shape == (6, 14) and torch.all(std_s > 0)
     with pytest.raises(AssertionError, match="text encoder ran"):
-        model(x, t, y)                                                     # while training it must run
+        model(x, t, y)                                                  # while training it must run
 
 
 def test_text_encoder_ignores_padding_and_other_reports():
@@ -114,7 +123,7 @@ def test_text_encoder_ignores_padding_and_other_reports():
     other[1:, :8] = torch.randint(1, 50, (5, 8))          # the other reports of the batch change
     torch.testing.assert_close(encoder(other)[0], h[0])  # attention stays within one report
     shifted = t.clone()
-    shifted[0, :8] = t[0, :8].flip(0)                     # same tokens, other order: positions matter
+    shifted[0, :8] = t[0, :8].flip(0)                   # same tokens, other order: positions matter
     assert not torch.allclose(encoder(shifted)[0], h[0])
 
 
@@ -123,11 +132,12 @@ def test_torchvision_backbone_runs_on_gray_images_and_loads_local_weights(backbo
     import torchvision
     reference = getattr(torchvision.models, backbone)(weights=None)
     state = reference.state_dict()
-    if backbone == "densenet121":                         # the old key names of torchvision's published file
-        state = {k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
-                 for k, v in state.items()}
+    if backbone == "densenet121":                # the old key names of torchvision's published file
+        state = {(k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k
+                  else k): v for k, v in state.items()}
     torch.save(state, tmp_path / "weights.pth")
-    model = VKD(VKDConfig(method="image", backbone=backbone, **SMALL), backbone_weights=tmp_path / "weights.pth")
+    model = VKD(VKDConfig(method="image", backbone=backbone, **SMALL),
+                backbone_weights=tmp_path / "weights.pth")
     loaded = model.image_encoder.net.state_dict()
     for name, tensor in reference.state_dict().items():
         if name in loaded:                                # all but the replaced fc / classifier
@@ -139,7 +149,8 @@ def test_torchvision_backbone_runs_on_gray_images_and_loads_local_weights(backbo
 
 
 def test_bce_leaves_out_unobserved_labels():
-    """A NaN label (uncertain, ignored) contributes neither loss nor gradient; the others are unchanged."""
+    """A NaN label (uncertain, ignored) contributes neither loss nor gradient; the others are
+    unchanged."""
     logits = torch.randn(2, 5, 3, requires_grad=True)                       # (S, B, K)
     y = torch.tensor([[1.0, 0.0, float("nan")]] * 5)
     loss = bce(logits, y)
@@ -151,7 +162,7 @@ def test_bce_leaves_out_unobserved_labels():
     assert (logits.grad[..., :2] != 0).all()
 
 
-# ----------------------------------------------------------------------------- the authors' design choices
+# ---------------------------------------------------------------------- the authors' design choices
 
 def test_posterior_of_the_report_alone_never_reads_the_image():
     """posterior_reads_image=False: q(z | t). Other images, same reports -> the same posterior."""
@@ -163,13 +174,15 @@ def test_posterior_of_the_report_alone_never_reads_the_image():
     other_mu_q, other_logvar_q = model.encode_posterior(torch.randn_like(h_x) * 10, t)
     torch.testing.assert_close((mu_q, logvar_q), (other_mu_q, other_logvar_q))
     assert model.posterior.net[0].in_features == SMALL["text_dim"]
-    default = VKD(VKDConfig(method="vkd", **SMALL)).eval()                     # q(z | x, t) does read it
+    default = VKD(VKDConfig(method="vkd", **SMALL)).eval()                # q(z | x, t) does read it
     h_x, _, _ = default.encode_prior(x)
-    assert not torch.allclose(default.encode_posterior(h_x, t)[0], default.encode_posterior(h_x + 1, t)[0])
+    assert not torch.allclose(default.encode_posterior(h_x, t)[0],
+                              default.encode_posterior(h_x + 1, t)[0])
 
 
 def test_classifier_that_reads_the_image_sees_z_and_the_image_features():
-    """classifier_reads_image=True: f([z; h_x]) for the posterior samples, the prior path and prediction."""
+    """classifier_reads_image=True: f([z; h_x]) for the posterior samples, the prior path and
+    prediction."""
     torch.manual_seed(0)
     model = VKD(VKDConfig(method="vkd", classifier_reads_image=True, **SMALL)).eval()
     x, t, y = batch()
@@ -178,13 +191,15 @@ def test_classifier_that_reads_the_image_sees_z_and_the_image_features():
     assert f.in_features == SMALL["latent_dim"] + model.image_encoder.out_dim
     expected = torch.sigmoid(F.linear(torch.cat([mu_p, h_x], -1), f.weight, f.bias))
     torch.testing.assert_close(model.predict(x)[0], expected)
-    z = torch.randn(3, *mu_p.shape)                                                   # (S, B, D) samples
-    torch.testing.assert_close(model.classify(z, h_x)[1], F.linear(torch.cat([z[1], h_x], -1), f.weight, f.bias))
+    z = torch.randn(3, *mu_p.shape)                                              # (S, B, D) samples
+    torch.testing.assert_close(model.classify(z, h_x)[1],
+                               F.linear(torch.cat([z[1], h_x], -1), f.weight, f.bias))
     assert torch.isfinite(model(x, t, y)["loss"])
 
 
 def test_kl_direction_pq_is_kl_of_the_prior_from_the_posterior():
-    """kl_direction="pq": the loss's KL is KL(p || q) (the authors' code), checked against torch.distributions."""
+    """kl_direction="pq": the loss's KL is KL(p || q) (the authors' code), checked against
+    torch.distributions."""
     torch.manual_seed(0)
     model = VKD(VKDConfig(method="vkd", kl_direction="pq", **SMALL)).eval()
     x, t, y = batch()
@@ -195,12 +210,13 @@ def test_kl_direction_pq_is_kl_of_the_prior_from_the_posterior():
     torch.testing.assert_close(model(x, t, y)["kl"], kl_divergence(p, q).sum(-1).mean())
     model.cfg.kl_direction = "qp"
     torch.testing.assert_close(model(x, t, y)["kl"], kl_divergence(q, p).sum(-1).mean())
-    assert not torch.allclose(kl_divergence(p, q).sum(-1).mean(), kl_divergence(q, p).sum(-1).mean())
+    assert not torch.allclose(kl_divergence(p, q).sum(-1).mean(),
+                              kl_divergence(q, p).sum(-1).mean())
 
 
 def test_averaged_samples_feed_their_mean_to_the_classifier():
-    """average_samples=True: L samples z_l, then f(mean_l z_l) (the authors average 100): the noise left in the
-    mean shrinks as 1/sqrt(L)."""
+    """average_samples=True: L samples z_l, then f(mean_l z_l) (the authors average 100): the noise
+    left in the mean shrinks as 1/sqrt(L)."""
     mu, logvar = torch.zeros(4, 5), torch.zeros(4, 5)                         # sigma = 1
     for average, shape in ((False, (100, 4, 5)), (True, (1, 4, 5))):
         model = VKD(VKDConfig(method="vkd", average_samples=average, **SMALL))
@@ -208,9 +224,9 @@ def test_averaged_samples_feed_their_mean_to_the_classifier():
         z = model.sample(mu, logvar, 100)
         torch.manual_seed(0)
         assert z.shape == shape
-        torch.testing.assert_close(z, reparameterize(mu, logvar, 100).mean(0, keepdim=True) if average
-                                   else reparameterize(mu, logvar, 100))
+        torch.testing.assert_close(z, reparameterize(mu, logvar, 100).mean(0, keepdim=True)
+                                   if average else reparameterize(mu, logvar, 100))
     torch.manual_seed(0)
-    spread = VKD(VKDConfig(method="vkd", average_samples=True, **SMALL)).sample(torch.zeros(1000, 5),
-                                                                               torch.zeros(1000, 5), 100).std()
+    spread = VKD(VKDConfig(method="vkd", average_samples=True, **SMALL)).sample(
+        torch.zeros(1000, 5), torch.zeros(1000, 5), 100).std()
     assert 0.07 < spread < 0.13                                                # 1 / sqrt(100) = 0.1

@@ -1,5 +1,5 @@
-"""Stale text: what the code's docstrings and comments point to must exist in the repository (a fork has nothing
-else), and the README's and docs' links to local files must resolve."""
+"""Stale text: what the code's docstrings and comments point to must exist in the repository (a
+fork has nothing else), and the README's and docs' links to local files must resolve."""
 import ast
 import io
 import re
@@ -8,20 +8,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted(REPO.glob("*.py")) + sorted((REPO / "tests").glob("*.py"))
-# lower-case words with underscores in prose that name no code of this repository on purpose (maths with
-# one-letter subscripts is skipped by the pattern): names from elsewhere
-OUTSIDE_NAMES = {"drop_last", "find_unused_parameters"}     # options of PyTorch's DataLoader and DDP
+# lower-case words with underscores in prose that name no code of this repository on purpose
+# (maths with one-letter subscripts is skipped by the pattern): names from elsewhere
+OUTSIDE_NAMES = {"drop_last", "find_unused_parameters"}    # options of PyTorch's DataLoader and DDP
 
 
 def prose_and_code(path):
-    """(docstrings and comments, set of every word that appears in the code itself) of one Python file."""
+    """(docstrings and comments, set of every word that appears in the code itself) of one Python
+    file."""
     source = path.read_text(encoding="utf-8")
-    docstring_starts = {(node.body[0].lineno, node.body[0].col_offset) for node in ast.walk(ast.parse(source))
-                        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    docstring_starts = {(node.body[0].lineno, node.body[0].col_offset)
+                        for node in ast.walk(ast.parse(source))
+                        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                             ast.AsyncFunctionDef))
                         and ast.get_docstring(node, clean=False) is not None}
     prose, code_words = [], set()
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT or (token.type == tokenize.STRING and token.start in docstring_starts):
+        if token.type == tokenize.COMMENT or (token.type == tokenize.STRING
+                                              and token.start in docstring_starts):
             prose.append(token.string)
         else:
             code_words.update(re.findall(r"\w+", token.string))
@@ -32,7 +36,8 @@ def test_every_file_a_docstring_or_comment_names_exists():
     missing = []
     for path in SOURCES:
         prose, _ = prose_and_code(path)
-        for name in re.findall(r"[\w./-]+\.(?:md|py)\b", prose):             # documents and code a reader opens
+        # documents and code a reader opens
+        for name in re.findall(r"[\w./-]+\.(?:md|py)\b", prose):
             candidates = [REPO / name, REPO / "docs" / name, path.parent / name]
             if not any(candidate.exists() for candidate in candidates):
                 missing.append(f"{path.name}: {name}")
@@ -44,10 +49,13 @@ def test_every_underscored_name_in_prose_is_defined_in_the_code():
     for path in SOURCES:
         prose[path.name], words = prose_and_code(path)
         code_words |= words
-    pattern = r"(?<![\w./-])([a-z][a-z0-9]*(?:_[a-z0-9]{2,})+)(?![\w/-]|\.\w)"     # parts of 2+ letters: not sum_d, z_s
+    # parts of 2+ letters: not sum_d, z_s
+    pattern = r"(?<![\w./-])([a-z][a-z0-9]*(?:_[a-z0-9]{2,})+)(?![\w/-]|\.\w)"
     unknown = sorted({f"{name}: {name_of_file}" for name_of_file, text in prose.items()
-                      for name in re.findall(pattern, text) if name not in code_words | OUTSIDE_NAMES})
-    assert not unknown, f"docstrings/comments name functions or variables that do not exist: {unknown}"
+                      for name in re.findall(pattern, text)
+                      if name not in code_words | OUTSIDE_NAMES})
+    assert not unknown, ("docstrings/comments name functions or variables that do not exist: "
+                         f"{unknown}")
 
 
 def test_local_links_of_the_readme_and_docs_resolve():
@@ -65,8 +73,10 @@ def test_every_module_constant_is_used_and_every_url_written_once():
     unused, urls = [], {}
     for path in sorted(REPO.glob("*.py")):
         for node in ast.parse(texts[path]).body:
-            names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name) and t.id.isupper()]
-            unused += [f"{path.name}: {name}" for name in names if len(re.findall(rf"\b{name}\b", everything)) < 2]
+            names = [t.id for t in getattr(node, "targets", [])
+                     if isinstance(t, ast.Name) and t.id.isupper()]
+            unused += [f"{path.name}: {name}" for name in names
+                       if len(re.findall(rf"\b{name}\b", everything)) < 2]
         for url in re.findall(r"https?://[^\s\"')]+", texts[path]):
             urls.setdefault(url.rstrip("/."), []).append(path.name)
     assert not unused, f"module-level constants that nothing uses: {unused}"

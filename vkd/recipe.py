@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 import evaluate
-from compare import format_comparison
-from options import collection_name, for_method, run_name
-from reports import DataError
+from vkd.compare import format_comparison
+from vkd.options import collection_name, for_method, run_name
+from vkd.reports import DataError
 
 
 def run_recipe(args, train):

@@ -1,9 +1,10 @@
-"""Image cache: every image of a collection decoded once, resized, and kept on disk as one uint8 array.
+"""Image cache: every image of a collection decoded once, resized, and kept on disk as one uint8
+array.
 
 data.image_cache calls cached_images(image paths, size, cache folder) and gets back a memory-mapped
-(N, size, size) array; evaluate.py decodes single files with decode_job, exactly as the cache build does.
-What makes it safe to interrupt and to share: a build that continues where it stopped, a lock between runs,
-a manifest written last, and a check of the free disk space first.
+(N, size, size) array; evaluate.py decodes single files with decode_job, exactly as the cache build
+does. What makes it safe to interrupt and to share: a build that continues where it stopped, a lock
+between runs, a manifest written last, and a check of the free disk space first.
 """
 import hashlib
 import json
@@ -19,10 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from reports import DataError
+from vkd.reports import DataError
 
 try:
-    import fcntl                             # file locks (POSIX); without them, two runs must not share a cache
+    # file locks (POSIX); without them, two runs must not share a cache
+    import fcntl
 except ImportError:
     fcntl = None
 
@@ -31,14 +33,18 @@ CACHE_CHUNK = 1024                          # images decoded between two progres
 
 
 def load_image(path, size):
-    """Decode a PNG/JPEG (8/16-bit, gray/RGB/RGBA) -> (size, size) uint8 grayscale, aspect ratio squashed."""
+    """Decode a PNG/JPEG (8/16-bit, gray/RGB/RGBA) -> (size, size) uint8 grayscale, aspect ratio
+    squashed."""
     with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):                        # 16-bit grayscale PNG
+        # 16-bit grayscale PNG
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             pixels = np.asarray(image, dtype=np.float32) / 65535.0
-        else:                                                                      # RGB(A) -> ITU-R 601 luma
+        else:
+            # RGB(A) -> ITU-R 601 luma
             pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     pixels = torch.from_numpy(pixels)[None, None]                                  # (1, 1, H, W)
-    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True,
+                           align_corners=False)
     return (pixels[0, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -52,16 +58,19 @@ def cache_key(image_paths, size):
 
 
 def decode_job(job):
-    """Worker side of the cache build: (path, size) -> (pixels, None) or (None, why it cannot be decoded)."""
+    """Worker side of the cache build: (path, size) -> (pixels, None) or (None, why it cannot be
+    decoded)."""
     path, size = job
     try:
         return load_image(path, size), None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:   # truncated, empty, not an image
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        # truncated, empty, not an image
         return None, f"{path}: {error}"
 
 
 def init_worker():
-    torch.set_num_threads(1)                 # one image per process; the processes are the parallelism
+    # one image per process; the processes are the parallelism
+    torch.set_num_threads(1)
 
 
 @contextmanager
@@ -84,26 +93,29 @@ def write_json(path, value):
 
 
 def cached_images(image_paths, size, cache_dir, workers=1):
-    """(N, size, size) uint8 memory-mapped array of all images, decoded once and reused, and {index: why} of
-    the images that could not be decoded (their rows stay zero).
+    """(N, size, size) uint8 memory-mapped array of all images, decoded once and reused, and
+    {index: why} of the images that could not be decoded (their rows stay zero).
 
-    The array is built in `images-{size}.partial.npy`, preallocated on disk, in `workers` processes; every
-    chunk is flushed and then recorded in a progress file, so an interrupted build continues where it stopped.
-    The finished array is renamed into place and the manifest holding its key is written last: a cache without
-    a matching manifest is never used. A lock file keeps a second run from building at the same time; it
-    waits and then uses the first run's cache.
+    The array is built in `images-{size}.partial.npy`, preallocated on disk, in `workers` processes;
+    every chunk is flushed and then recorded in a progress file, so an interrupted build continues
+    where it stopped. The finished array is renamed into place and the manifest holding its key is
+    written last: a cache without a matching manifest is never used. A lock file keeps a second run
+    from building at the same time; it waits and then uses the first run's cache.
     """
     cache_dir = Path(cache_dir)
     array_path, manifest_path = cache_dir / f"images-{size}.npy", cache_dir / f"images-{size}.json"
-    partial_path, progress_path = cache_dir / f"images-{size}.partial.npy", cache_dir / f"images-{size}.progress.json"
+    partial_path, progress_path = (cache_dir / f"images-{size}.partial.npy",
+                                   cache_dir / f"images-{size}.progress.json")
     key = cache_key(image_paths, size)
 
     def complete():
-        """The finished cache, or None when it is missing, stale, or not the file the manifest describes."""
+        """The finished cache, or None when it is missing, stale, or not the file the manifest
+        describes."""
         try:
             manifest = json.loads(manifest_path.read_text())
             if manifest["key"] == key and array_path.stat().st_size == manifest["bytes"]:
-                return np.load(array_path, mmap_mode="r"), {int(i): why for i, why in manifest["bad"].items()}
+                return (np.load(array_path, mmap_mode="r"),
+                        {int(i): why for i, why in manifest["bad"].items()})
         except (OSError, ValueError, KeyError):
             pass
         return None
@@ -112,7 +124,8 @@ def cached_images(image_paths, size, cache_dir, workers=1):
         return done
     cache_dir.mkdir(parents=True, exist_ok=True)
     with locked(cache_dir / f"images-{size}.lock"):
-        if (done := complete()) is not None:                 # another run finished it while we waited
+        # another run finished it while we waited
+        if (done := complete()) is not None:
             return done
         manifest_path.unlink(missing_ok=True)
         shape = (len(image_paths), size, size)
@@ -128,14 +141,16 @@ def cached_images(image_paths, size, cache_dir, workers=1):
         pool = Pool(workers, initializer=init_worker) if workers > 1 and len(jobs) > 64 else None
         results = pool.imap(decode_job, jobs, chunksize=16) if pool else map(decode_job, jobs)
         try:
-            bar = tqdm(results, total=len(image_paths), initial=start, desc=f"caching images at {size}px", unit="img")
+            bar = tqdm(results, total=len(image_paths), initial=start,
+                       desc=f"caching images at {size}px", unit="img")
             for i, (pixels, why) in enumerate(bar, start=start):
                 if why is None:
                     array[i] = pixels
                 else:
                     array[i], bad[i] = 0, why
                 if (i + 1) % CACHE_CHUNK == 0 or i + 1 == len(image_paths):
-                    array.flush()                        # the rows first, then the record that they are there
+                    # the rows first, then the record that they are there
+                    array.flush()
                     write_json(progress_path, {"key": key, "done": i + 1, "bad": bad})
         finally:
             if pool:
@@ -152,5 +167,6 @@ def cached_images(image_paths, size, cache_dir, workers=1):
 def check_free_space(folder, needed):
     free = shutil.disk_usage(folder).free
     if free < needed * 1.05 + 2**20:
-        raise DataError(f"the image cache needs {needed / 2**30:.2f} GiB in {folder} but only {free / 2**30:.2f} GiB "
+        raise DataError(f"the image cache needs {needed / 2**30:.2f} GiB in {folder} "
+                        f"but only {free / 2**30:.2f} GiB "
                         f"is free; free some space, or use a smaller --image-size")

@@ -1,12 +1,13 @@
-"""The simplest teacher: a bag-of-words linear classifier over the report tokens, as a reference for the
-transformer's report encoder (`python evaluate.py --ckpt runs/openi-text-seed0/best.pt --bow`).
+"""The simplest teacher: a bag-of-words linear classifier over the report tokens, as a reference for
+the transformer's report encoder (`python evaluate.py --ckpt runs/openi-text-seed0/best.pt --bow`).
 
-    v(t)_w  = [w in t] * idf_w,  idf_w = log((1 + N) / (1 + n_w)) + 1,  v <- v / |v|     (TF-IDF, binary term counts)
-    p(y_k | t) = sigmoid(a_k . v(t) + b_k)                               one logistic regression per label
+    v(t)_w     = [w in t] * idf_w,  v <- v / |v|          (TF-IDF, binary term counts)
+    idf_w      = log((1 + N) / (1 + n_w)) + 1
+    p(y_k | t) = sigmoid(a_k . v(t) + b_k)                one logistic regression per label
 
-fitted on the training split only (its N reports, n_w of them holding token w), with positives weighted by
-negatives/positives (balanced classes) and an L2 penalty, by full-batch L-BFGS. Same tokens as the transformer,
-no new dependency.
+fitted on the training split only (its N reports, n_w of them holding token w), with positives
+weighted by negatives/positives (balanced classes) and an L2 penalty, by full-batch L-BFGS. Same
+tokens as the transformer, no new dependency.
 """
 import numpy as np
 import torch
@@ -28,21 +29,25 @@ def features(presence, idf):
 
 
 def fit_bag_of_words(tokens, labels, vocab_size, l2=1e-3, iterations=100):
-    """Training tokens (N, T) and labels (N, K) in {0, 1} (NaN = not observed) -> predict(tokens) -> (M, K)."""
+    """Training tokens (N, T) and labels (N, K) in {0, 1} (NaN = not observed)
+    -> predict(tokens) -> (M, K)."""
     presence = token_presence(tokens, vocab_size)
     idf = torch.log((1 + len(presence)) / (1 + presence.sum(0))) + 1      # (V,)
     v, y = features(presence, idf), torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     observed = ~torch.isnan(y)
     y = torch.where(observed, y, 0.0)
     positives = (y * observed).sum(0)
-    pos_weight = ((observed.sum(0) - positives) / positives.clamp(min=1)).clamp(min=1)   # balanced classes
+    # balanced classes
+    pos_weight = ((observed.sum(0) - positives) / positives.clamp(min=1)).clamp(min=1)
     linear = torch.nn.Linear(vocab_size, y.shape[1])
     torch.nn.init.zeros_(linear.weight)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=iterations,
+                                  line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        terms = F.binary_cross_entropy_with_logits(linear(v), y, pos_weight=pos_weight, reduction="none")
+        terms = F.binary_cross_entropy_with_logits(linear(v), y, pos_weight=pos_weight,
+                                                   reduction="none")
         loss = torch.where(observed, terms, 0.0).sum() / len(v) + l2 * linear.weight.square().sum()
         loss.backward()
         return loss
@@ -51,5 +56,6 @@ def fit_bag_of_words(tokens, labels, vocab_size, l2=1e-3, iterations=100):
 
     @torch.no_grad()
     def predict(other_tokens):
-        return torch.sigmoid(linear(features(token_presence(other_tokens, vocab_size), idf))).numpy()
+        return torch.sigmoid(
+            linear(features(token_presence(other_tokens, vocab_size), idf))).numpy()
     return predict

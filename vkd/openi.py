@@ -1,9 +1,10 @@
 """OpenI: read the Indiana University chest X-ray collection (and the demo, written in its layout).
 
-One XML file per report (ecgen-radiology/*.xml) names its images (parentImage ids, PNGs in NLMCXR_png) and
-carries FINDINGS, IMPRESSION and the MeSH major terms the indexers assigned; the 14 CheXpert labels are derived
-from those terms by the table MESH_RULES below. data.py calls read_openi and labels_from_mesh for
-`--data demo` and `--data openi`; download.py fetches the archives from OPENI_URL.
+One XML file per report (ecgen-radiology/*.xml) names its images (parentImage ids, PNGs in
+NLMCXR_png) and carries FINDINGS, IMPRESSION and the MeSH major terms the indexers assigned; the 14
+CheXpert labels are derived from those terms by the table MESH_RULES below. data.py calls
+read_openi and labels_from_mesh for `--data demo` and `--data openi`; download.py fetches the
+archives from OPENI_URL.
 """
 import tarfile
 import xml.etree.ElementTree as ET
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from reports import LABELS, DataError, Report
+from vkd.reports import LABELS, DataError, Report
 
-OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"     # the one place it is written; download.py reads it
+# the one place it is written; download.py reads it
+OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections"
 
-# MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches when the head
-# equals `head` and, if `qualifiers` is given, at least one of them is among the term's qualifiers.
-# "No Finding" is not a rule: it is positive exactly when the only major term is "normal" (see labels_from_mesh).
+# MeSH major term -> CheXpert label. A term reads "Head/qualifier/qualifier/..."; a rule matches
+# when the head equals `head` and, if `qualifiers` is given, at least one of them is among the
+# term's qualifiers. "No Finding" is not a rule: it is positive exactly when the only major term is
+# "normal" (see labels_from_mesh).
 #   label                          head                       qualifiers
 MESH_RULES = [
     ("Enlarged Cardiomediastinum", "mediastinum",             {"prominent", "enlarged"}),
@@ -59,14 +62,16 @@ def normalise_term(term):
 def labels_from_mesh(majors):
     """14-dim 0/1 vector from MeSH major terms, by MESH_RULES.
 
-    No Finding follows OpenI's own reading: positive only when the sole major term is `normal` (the indexers'
-    word for a normal study; it never co-occurs with another major). This is not CheXpert's rule, which
-    MIMIC-CXR's labels follow: there No Finding is positive when none of the 12 findings (Enlarged
-    Cardiomediastinum ... Fracture) is positive, support devices ignored. The two differ on
-      - a report whose majors name nothing among the 14 (e.g. `Granuloma`, `Spine/degenerative`): CheXpert
-        would call it No Finding, here it is negative for every label (counted in the summary as
-        reports_without_positive_label);
-      - a report whose only finding is a support device: CheXpert No Finding, here Support Devices alone.
+    No Finding follows OpenI's own reading: positive only when the sole major term is `normal` (the
+    indexers' word for a normal study; it never co-occurs with another major). This is not
+    CheXpert's rule, which MIMIC-CXR's labels follow: there No Finding is positive when none of the
+    12 findings (Enlarged Cardiomediastinum ... Fracture) is positive, support devices ignored. The
+    two differ on
+      - a report whose majors name nothing among the 14 (e.g. `Granuloma`, `Spine/degenerative`):
+        CheXpert would call it No Finding, here it is negative for every label (counted in the
+        summary as reports_without_positive_label);
+      - a report whose only finding is a support device: CheXpert No Finding, here Support Devices
+        alone.
     A No Finding AUROC across the two collections therefore compares two definitions of the label.
     """
     y = np.zeros(len(LABELS), dtype=np.float32)
@@ -95,13 +100,15 @@ def parse_report(xml_bytes, source):
         id=uid.get("id"),
         findings=sections.get("FINDINGS", ""),
         impression=sections.get("IMPRESSION", ""),
-        majors=[node.text.strip() for node in root.iterfind("MeSH/major") if node.text and node.text.strip()],
+        majors=[node.text.strip() for node in root.iterfind("MeSH/major")
+                if node.text and node.text.strip()],
         image_ids=[node.get("id") for node in root.iterfind("parentImage") if node.get("id")],
     )
 
 
 def iter_report_files(source):
-    """Yield (name, bytes) for every ecgen-radiology/*.xml in a folder or read straight from a .tgz."""
+    """Yield (name, bytes) for every ecgen-radiology/*.xml in a folder or read straight from a
+    .tgz."""
     source = Path(source)
     if source.is_dir():
         for path in sorted(source.glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
@@ -112,9 +119,11 @@ def iter_report_files(source):
             files = [(member.name, archive.extractfile(member).read()) for member in archive
                      if member.isfile() and member.name.endswith(".xml")]
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise DataError(f"{source} is not a readable .tgz ({error}); delete it and download it again") from None
+        raise DataError(f"{source} is not a readable .tgz ({error}); "
+                        "delete it and download it again") from None
     for name, xml_bytes in sorted(files, key=lambda f: (len(Path(f[0]).stem), Path(f[0]).stem)):
-        yield f"{source}:{name}", xml_bytes                      # same order as a folder: 1, 2, ..., 10, ...
+        # same order as a folder: 1, 2, ..., 10, ...
+        yield f"{source}:{name}", xml_bytes
 
 
 def find_images(root):
@@ -123,10 +132,11 @@ def find_images(root):
 
 
 def read_openi(reports_source, images_root, strict=False):
-    """Read reports and pair them with images. Returns (used reports, {report id: [paths]}, summary parts).
+    """Read reports and pair them with images. Returns (used reports, {report id: [paths]}, summary
+    parts).
 
-    malformed_xml and duplicate_id are problems (--strict stops on them); no_indexing, no_text and no_image
-    are reports the real collection has by design, always skipped and counted."""
+    malformed_xml and duplicate_id are problems (--strict stops on them); no_indexing, no_text and
+    no_image are reports the real collection has by design, always skipped and counted."""
     images = find_images(images_root)
     used, paths, seen = [], {}, set()
     skipped = {"malformed_xml": 0, "duplicate_id": 0, "no_indexing": 0, "no_text": 0, "no_image": 0}
@@ -140,7 +150,8 @@ def read_openi(reports_source, images_root, strict=False):
             reason, report_id, problem = "malformed_xml", name, str(error)
         else:
             report_paths = [images[i] for i in report.image_ids if i in images]
-            report_id, problem = report.id, f"{name}: report id {report.id} was already read from another file"
+            report_id, problem = report.id, (f"{name}: report id {report.id} was already read "
+                                             "from another file")
             if report.id in seen:
                 reason = "duplicate_id"
             elif not report.majors or {normalise_term(m) for m in report.majors} == {"no indexing"}:
@@ -155,7 +166,8 @@ def read_openi(reports_source, images_root, strict=False):
                 used.append(report)
                 paths[report.id] = report_paths
         if strict and reason in ("malformed_xml", "duplicate_id"):
-            raise DataError(f"{problem} (--strict; without it this report would be skipped and counted)")
+            raise DataError(f"{problem} (--strict; "
+                            "without it this report would be skipped and counted)")
         if reason:
             skipped[reason] += 1
             skipped_ids[reason].append(report_id)

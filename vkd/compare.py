@@ -1,16 +1,19 @@
-"""Comparison of several runs: methods and seeds on one test split, with paired bootstrap differences.
+"""Comparison of several runs: methods and seeds on one test split, with paired bootstrap
+differences.
 
-Pure functions on predictions: evaluate.py's compare_checkpoints evaluates each checkpoint (an Evaluated)
-and calls compare_runs; format_comparison writes the result as Markdown tables (evaluate.py --compare,
-train.py --method all). Runs that differ only in the seed are one method (group_runs), reported as mean and
-std across seeds (seed_statistics) with the bootstrap interval of the seed mean.
+Pure functions on predictions: evaluate.py's compare_checkpoints evaluates each checkpoint (an
+Evaluated) and calls compare_runs; format_comparison writes the result as Markdown tables
+(evaluate.py --compare, train.py --method all). Runs that differ only in the seed are one method
+(group_runs), reported as mean and std across seeds (seed_statistics) with the bootstrap interval
+of the seed mean.
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from metrics import METRICS, SUMMARY_KEYS, bootstrap_draws, interval, paired_difference, resampled, run_report
-from reports import LABELS, DataError
+from metrics import (METRICS, SUMMARY_KEYS, bootstrap_draws, interval, paired_difference, resampled,
+                     run_report)
+from vkd.reports import LABELS, DataError
 
 class Evaluated(NamedTuple):
     """One checkpoint evaluated on one split: what compare_runs compares."""
@@ -22,21 +25,24 @@ class Evaluated(NamedTuple):
     checkpoint: dict
 
 
-NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile", "channels_last",
-                  "preload", "log_every", "bootstrap", "preset")       # options that do not change what is learnt
+# options that do not change what is learnt
+NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile",
+                  "channels_last", "preload", "log_every", "bootstrap", "preset")
 
 
-# Options added after runs were saved, with the value those runs were trained with: a config without the key groups
-# as if it had this value (so a run saved before the option existed is still a seed of the same method).
+# Options added after runs were saved, with the value those runs were trained with: a config
+# without the key groups as if it had this value (so a run saved before the option existed is still
+# a seed of the same method).
 ADDED_OPTIONS = {"beta_cycle_epochs": 0, "posterior_input": "image+report", "classifier_input": "z",
-                 "kl_direction": "qp", "average_samples": False, "train_fraction": 1.0, "group_by_length": False,
-                 "word_dropout": 0.0, "sentence_shuffle": False, "sentence_attention": False, "oversample": False}
+                 "kl_direction": "qp", "average_samples": False, "train_fraction": 1.0,
+                 "group_by_length": False, "word_dropout": 0.0, "sentence_shuffle": False,
+                 "sentence_attention": False, "oversample": False}
 
 
 def group_runs(configs):
-    """Runs whose configs differ only in the seed (and bookkeeping such as the run folder or device) are seeds
-    of one method -> [[run index, ...], ...] in order of first appearance. A seed already in a group starts a
-    new group, so a run compared with itself counts as two methods."""
+    """Runs whose configs differ only in the seed (and bookkeeping such as the run folder or device)
+    are seeds of one method -> [[run index, ...], ...] in order of first appearance. A seed already
+    in a group starts a new group, so a run compared with itself counts as two methods."""
     groups, keys = [], []
     for i, config in enumerate(configs):
         key = {k: v for k, v in (ADDED_OPTIONS | config).items() if k not in NOT_THE_METHOD}
@@ -55,7 +61,8 @@ def seed_statistics(values):
     values = np.asarray(values, dtype=np.float64)
     if np.isnan(values).any():
         return {"mean": None, "std": None}
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+    return {"mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else None}
 
 
 def nan_if_none(value):
@@ -63,13 +70,15 @@ def nan_if_none(value):
 
 
 def compare_runs(paths, runs, num_resamples=1000, seed=0):
-    """Runs = evaluate_checkpoint results (Evaluated) on one split. Each run gets its own estimates and
-    intervals; runs that differ only in the seed form one method, reported as mean +- std across seeds with the
-    interval of the seed mean; every method after the first gets the paired bootstrap of its difference to the
-    first (seed means on the same resamples of reports or patients) with a p-value."""
+    """Runs = evaluate_checkpoint results (Evaluated) on one split. Each run gets its own estimates
+    and intervals; runs that differ only in the seed form one method, reported as mean +- std across
+    seeds with the interval of the seed mean; every method after the first gets the paired bootstrap
+    of its difference to the first (seed means on the same resamples of reports or patients) with a
+    p-value."""
     y, groups, unit, first = runs[0].labels, runs[0].groups, runs[0].unit, runs[0].checkpoint
     for path, run in zip(paths[1:], runs[1:]):
-        if not (run.checkpoint["split_sha256"] == first["split_sha256"] and np.array_equal(groups, run.groups)
+        if not (run.checkpoint["split_sha256"] == first["split_sha256"]
+                and np.array_equal(groups, run.groups)
                 and run.unit == unit and np.array_equal(y, run.labels, equal_nan=True)):
             raise DataError(f"{paths[0]} and {path} were not evaluated on the same split")
     label_names = first.get("label_names", LABELS)
@@ -78,30 +87,35 @@ def compare_runs(paths, runs, num_resamples=1000, seed=0):
               "label_names": label_names, "runs": [], "methods": []}
     for path, draw, run in zip(paths, draws, runs):
         config = run.checkpoint["config"]
-        result["runs"].append({"checkpoint": str(path), "method": config["method"], "seed": config["seed"],
-                               "best_epoch": run.checkpoint["epoch"] + 1, "prediction": run.prediction}
+        result["runs"].append({"checkpoint": str(path), "method": config["method"],
+                               "seed": config["seed"], "best_epoch": run.checkpoint["epoch"] + 1,
+                               "prediction": run.prediction}
                               | run_report(y, run.probabilities, draw, label_names))
     configs = [run.checkpoint["config"] for run in runs]
     method_groups = group_runs(configs)
     names = [configs[g[0]]["method"] for g in method_groups]
     names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
-    mean_draws = [{key: np.mean([draws[i][key] for i in g], axis=0) for key in draws[0]} for g in method_groups]
+    mean_draws = [{key: np.mean([draws[i][key] for i in g], axis=0) for key in draws[0]}
+                  for g in method_groups]
     for name, g, mean_draw in zip(names, method_groups, mean_draws):
         runs_of = [result["runs"][i] for i in g]
         method = {"name": name, "runs": g, "seeds": [r["seed"] for r in runs_of], "per_label": {}}
         for k, label in enumerate(label_names):
             method["per_label"][label] = {
-                metric: seed_statistics([nan_if_none(r["per_label"][label][metric]) for r in runs_of])
+                metric: seed_statistics([nan_if_none(r["per_label"][label][metric])
+                                         for r in runs_of])
                 | {"ci95": interval(mean_draw[metric][:, k])} for metric in METRICS}
         for key in SUMMARY_KEYS:
-            method[key] = seed_statistics([nan_if_none(r[key]) for r in runs_of]) | {"ci95": interval(mean_draw[key])}
+            method[key] = (seed_statistics([nan_if_none(r[key]) for r in runs_of])
+                           | {"ci95": interval(mean_draw[key])})
         if result["methods"]:
             baseline = result["methods"][0]
             method["difference"] = {"vs": baseline["name"]}
             for key in SUMMARY_KEYS:
                 a, b = baseline[key]["mean"], method[key]["mean"]
-                method["difference"][key] = {"value": None if a is None or b is None else b - a,
-                                             **paired_difference(mean_draw[key] - mean_draws[0][key])}
+                method["difference"][key] = {
+                    "value": None if a is None or b is None else b - a,
+                    **paired_difference(mean_draw[key] - mean_draws[0][key])}
         result["methods"].append(method)
     return result
 
@@ -115,7 +129,8 @@ def cell(value, ci, std=None):
 
 
 def p_value(p, num_resamples):
-    """No resample on the far side of zero bounds p by the resolution of the bootstrap, it does not make it 0."""
+    """No resample on the far side of zero bounds p by the resolution of the bootstrap, it does not
+    make it 0."""
     return f"p < {2 / num_resamples:.3f}" if p == 0 else f"p = {p:.3f}"
 
 
@@ -124,24 +139,30 @@ def format_comparison(result):
     methods, first, resamples = result["methods"], result["runs"][0], result["num_resamples"]
     several_seeds = any(len(m["runs"]) > 1 for m in methods)
     lines = [f"test split: {result['num_images']} images; 95% intervals: bootstrap over "
-             f"{result['num_bootstrap_units']} {result['bootstrap_unit']} ({result['num_resamples']} resamples)"
-             + ("; mean ± std across seeds, interval of the seed mean" if several_seeds else ""), ""]
+             f"{result['num_bootstrap_units']} {result['bootstrap_unit']} "
+             f"({result['num_resamples']} resamples)"
+             + ("; mean ± std across seeds, interval of the seed mean"
+                if several_seeds else ""), ""]
     header = "| label | positives | " + " | ".join(m["name"] for m in methods) + " |"
     rule = "|---|---:|" + "---|" * len(methods)
     for metric in METRICS:
         lines += [f"{metric.upper()}", "", header, rule]
         for label in result["label_names"]:
-            cells = [cell(m["per_label"][label][metric]["mean"], m["per_label"][label][metric]["ci95"],
+            cells = [cell(m["per_label"][label][metric]["mean"],
+                          m["per_label"][label][metric]["ci95"],
                           m["per_label"][label][metric]["std"]) for m in methods]
-            lines.append(f"| {label} | {first['per_label'][label]['positives']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {first['per_label'][label]['positives']} | "
+                         + " | ".join(cells) + " |")
         for kind in ("macro", "micro"):
             key = f"{kind}_{metric}"
-            lines.append(f"| **{kind}** | | " + " | ".join(cell(m[key]["mean"], m[key]["ci95"], m[key]["std"])
-                                                          for m in methods) + " |")
+            lines.append(f"| **{kind}** | | "
+                         + " | ".join(cell(m[key]["mean"], m[key]["ci95"], m[key]["std"])
+                                      for m in methods) + " |")
         lines.append("")
     if len(methods) > 1:
         lines += [f"paired bootstrap of each difference to {methods[0]['name']} (same resamples"
-                  + (", seed means" if several_seeds else "") + "): difference [95% CI], two-sided p", "",
+                  + (", seed means" if several_seeds else "")
+                  + "): difference [95% CI], two-sided p", "",
                   "| difference | " + " | ".join(k.replace("_", " ") for k in SUMMARY_KEYS) + " |",
                   "|---|" + "---|" * len(SUMMARY_KEYS)]
         for m in methods[1:]:
@@ -149,13 +170,16 @@ def format_comparison(result):
             for key in SUMMARY_KEYS:
                 d = m["difference"][key]
                 cells.append("n/a" if d["value"] is None or d["ci95"] is None else
-                             f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {p_value(d['p'], resamples)}")
+                             f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                             f"{p_value(d['p'], resamples)}")
             lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["each run", "", "| run | method | seed | best epoch | macro AUROC | macro AUPRC | probabilities |",
+    lines += ["each run", "",
+              "| run | method | seed | best epoch | macro AUROC | macro AUPRC | probabilities |",
               "|---|---|---:|---:|---|---|---|"]
     for run in result["runs"]:
-        lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | {run['best_epoch']} | "
+        lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | "
+                     f"{run['best_epoch']} | "
                      f"{cell(run['macro_auroc'], run['macro_auroc_ci95'])} | "
                      f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} | {run['prediction']} |")
     return "\n".join(lines)

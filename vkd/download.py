@@ -1,4 +1,5 @@
-"""Download and safely unpack public archives (OpenI): resumable, verified, never extracted outside its folder.
+"""Download and safely unpack public archives (OpenI): resumable, verified, never extracted outside
+its folder.
 
 data.py calls fetch_openi() for `--data openi`; everything here is also usable on its own.
 """
@@ -17,21 +18,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from openi import OPENI_URL
-from reports import DataError
+from vkd.openi import OPENI_URL
+from vkd.reports import DataError
 
 OPENI_REPORTS_SIZE = 1_112_632
 OPENI_REPORTS_SHA256 = "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"
 TIMEOUT_S = 60           # per socket operation, not per file
 BACKOFF_S = 2.0          # wait before retry k is BACKOFF_S * 2**k
 CHUNK = 1 << 20
-# Worth another try: the network or the server may recover. A 4xx answer will not, so it is not retried.
-TRANSIENT = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.IncompleteRead)
+# Worth another try: the network or the server may recover. A 4xx answer will not, so it is not
+# retried.
+TRANSIENT = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout,
+             http.client.IncompleteRead)
 CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
-# The standard library's extraction filters (Python 3.12+, backported to 3.8.17, 3.9.17, 3.10.12, 3.11.4) know
-# more ways an archive can escape its folder than a few lines of checks; where they exist they decide, and
-# the explicit checks in _refusal are the fallback (the tests run both). One difference: the filter lets a link
-# that stays inside the target through, the fallback refuses every link.
+# The standard library's extraction filters (Python 3.12+, backported to 3.8.17, 3.9.17, 3.10.12,
+# 3.11.4) know more ways an archive can escape its folder than a few lines of checks; where they
+# exist they decide, and the explicit checks in _refusal are the fallback (the tests run both). One
+# difference: the filter lets a link that stays inside the target through, the fallback refuses
+# every link.
 USE_TAR_FILTER = hasattr(tarfile, "data_filter")
 
 
@@ -51,7 +55,8 @@ def _fetch_once(url, part, size):
     """Append the rest of `url` to `part`, resuming from its current length with a Range request."""
     start = part.stat().st_size if part.exists() else 0
     if size is not None and start >= size:
-        return                                                  # complete (or too long: verification says so)
+        # complete (or too long: verification says so)
+        return
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     try:
         response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
@@ -59,34 +64,45 @@ def _fetch_once(url, part, size):
         if error.code != 416 or not start:
             raise
         total = error.headers.get("Content-Range", "").rpartition("/")[2]
-        if not total.isdigit() or int(total) == start:          # nothing left to send: the part is complete
+        # nothing left to send: the part is complete
+        if not total.isdigit() or int(total) == start:
             return
-        part.unlink()                                           # longer than the file: not a prefix of it
-        raise ConnectionError(f"{url}: the partial download is longer than the file; starting over") from None
+        # longer than the file: not a prefix of it
+        part.unlink()
+        raise ConnectionError(f"{url}: the partial download is longer than the file; "
+                              f"starting over") from None
     with response:
-        if start and response.status != 206:                    # the server ignored Range: start over
+        # the server ignored Range: start over
+        if start and response.status != 206:
             start = 0
-        elif start and not response.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
+        elif start and not response.headers.get("Content-Range", "").startswith(
+                f"bytes {start}-"):
             part.unlink()
-            raise ConnectionError(f"{url}: the server sent another range than bytes {start}-; starting over")
-        expected = int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
+            raise ConnectionError(f"{url}: the server sent another range than bytes {start}-; "
+                                  f"starting over")
+        expected = (int(response.headers["Content-Length"]) if "Content-Length" in response.headers
+                    else None)
         received = 0
         with open(part, "ab" if start else "wb") as file, tqdm(
-                desc=part.name[:-len(".part")], total=start + expected if expected is not None else size,
+                desc=part.name[:-len(".part")],
+                total=start + expected if expected is not None else size,
                 initial=start, unit="B", unit_scale=True, unit_divisor=1024) as bar:
             while chunk := response.read(CHUNK):
                 file.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
-    if expected is not None and received < expected:            # urllib returns b"" on a cut, not an error
+    # urllib returns b"" on a cut, not an error
+    if expected is not None and received < expected:
         raise http.client.IncompleteRead(b"", expected - received)
 
 
 def download(url, dest, sha256=None, size=None, retries=3):
-    """Download `url` to `dest` through `dest.part`, which is resumed, verified and only then renamed.
+    """Download `url` to `dest` through `dest.part`, which is resumed, verified and only then
+    renamed.
 
-    A cut connection keeps the .part, so the next try (in this call or a later run) continues where it
-    stopped. `dest` exists only once the file is complete and matches `size` and `sha256` where given.
+    A cut connection keeps the .part, so the next try (in this call or a later run) continues where
+    it stopped. `dest` exists only once the file is complete and matches `size` and `sha256` where
+    given.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -104,21 +120,23 @@ def download(url, dest, sha256=None, size=None, retries=3):
         if attempt < retries:
             time.sleep(BACKOFF_S * 2 ** attempt)
     else:
-        kept = f"; {part} ({part.stat().st_size} bytes) is kept and resumed next time" if part.exists() else ""
+        kept = (f"; {part} ({part.stat().st_size} bytes) is kept and resumed next time"
+                if part.exists() else "")
         raise DownloadError(f"{url}: failed after {retries + 1} tries ({last_error}){kept}")
     actual_size = part.stat().st_size
     actual_sha256 = file_sha256(part) if sha256 else None
     if (size is not None and actual_size != size) or (sha256 and actual_sha256 != sha256.lower()):
         part.unlink()
-        raise DataError(f"{dest.name} from {url} is not the expected file: expected {size} bytes, sha256 {sha256}; "
-                        f"got {actual_size} bytes, sha256 {actual_sha256}. It was deleted; run again, or check the URL")
+        raise DataError(f"{dest.name} from {url} is not the expected file: expected {size} bytes, "
+                        f"sha256 {sha256}; got {actual_size} bytes, sha256 {actual_sha256}. "
+                        f"It was deleted; run again, or check the URL")
     os.replace(part, dest)
     return dest
 
 
 def _refusal(member, target):
-    """Why `member` may not be extracted under `target`, or None when it is a plain file or folder inside.
-    The explicit checks, used where tarfile has no extraction filters."""
+    """Why `member` may not be extracted under `target`, or None when it is a plain file or folder
+    inside. The explicit checks, used where tarfile has no extraction filters."""
     if member.issym() or member.islnk():
         return f"is a link to {member.linkname!r}"
     if not (member.isfile() or member.isdir()):
@@ -131,8 +149,9 @@ def _refusal(member, target):
 
 
 def _filter_refusal(member, target):
-    """Why tarfile's "data" filter refuses `member` under `target`, in _refusal's words, or None. A member
-    whose name the filter would rewrite (it strips a leading /) is refused too: the archive is not as made."""
+    """Why tarfile's "data" filter refuses `member` under `target`, in _refusal's words, or None. A
+    member whose name the filter would rewrite (it strips a leading /) is refused too: the archive
+    is not as made."""
     try:
         filtered = tarfile.data_filter(member, target)
     except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError):
@@ -150,8 +169,8 @@ def _filter_refusal(member, target):
 
 
 def _extract_member(archive, member, partial):
-    """Write one checked member under `partial`: through the data filter where it exists, else by hand
-    (only plain files and folders get here: _refusal refused everything else)."""
+    """Write one checked member under `partial`: through the data filter where it exists, else by
+    hand (only plain files and folders get here: _refusal refused everything else)."""
     if USE_TAR_FILTER:
         archive.extract(member, partial, filter="data")
         return
@@ -167,9 +186,10 @@ def _extract_member(archive, member, partial):
 def safe_extract(archive_path, target):
     """Extract a .tar/.tgz into `target` (which must not exist yet), refusing any hostile member.
 
-    Every member is checked, and the whole archive read to its end (so a truncated or corrupted one is
-    found), before anything is written. Files are written into a sibling `target.partial` folder that is
-    renamed to `target` at the end, so an interrupted extraction never looks like a complete one.
+    Every member is checked, and the whole archive read to its end (so a truncated or corrupted one
+    is found), before anything is written. Files are written into a sibling `target.partial` folder
+    that is renamed to `target` at the end, so an interrupted extraction never looks like a complete
+    one.
     """
     archive_path, target = Path(archive_path), Path(target)
     if target.exists():
@@ -179,21 +199,23 @@ def safe_extract(archive_path, target):
     try:
         with tarfile.open(archive_path, "r:*") as archive:
             members = archive.getmembers()
-            while archive.fileobj.read(CHUNK):                 # reach the gzip trailer: checks CRC and length
+            # reach the gzip trailer: checks CRC and length
+            while archive.fileobj.read(CHUNK):
                 pass
             refusal = _filter_refusal if USE_TAR_FILTER else _refusal
             for member in members:
                 reason = refusal(member, os.path.abspath(partial))
                 if reason:
-                    raise DataError(f"refusing to extract {archive_path}: member {member.name!r} {reason}")
+                    raise DataError(f"refusing to extract {archive_path}: "
+                                    f"member {member.name!r} {reason}")
             partial.mkdir(parents=True)
             for member in tqdm(members, desc=f"extracting {archive_path.name}", unit="file"):
                 _extract_member(archive, member, partial)
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, CORRUPT):
-            raise DataError(f"{archive_path} is corrupt or truncated ({error!r}); delete it and download it "
-                            f"again") from None
+            raise DataError(f"{archive_path} is corrupt or truncated ({error!r}); "
+                            f"delete it and download it again") from None
         raise
     os.replace(partial, target)
     return target
@@ -201,13 +223,14 @@ def safe_extract(archive_path, target):
 
 def has_openi_files(folder):
     """Whether `folder` holds OpenI as downloaded or extracted (by us, or by hand)."""
-    return any((folder / name).exists() for name in ("ecgen-radiology", "NLMCXR_reports.tgz", "NLMCXR_png.tgz",
-                                                      "NLMCXR_png"))
+    return any((folder / name).exists() for name in ("ecgen-radiology", "NLMCXR_reports.tgz",
+                                                      "NLMCXR_png.tgz", "NLMCXR_png"))
 
 
 def openi_root(data_dir):
-    """The folder holding the OpenI files: DATA_DIR/openi/ (where downloads go), or DATA_DIR itself when the
-    archives (or what they extract to) were put there by hand, e.g. --data-dir ~/Downloads/openi."""
+    """The folder holding the OpenI files: DATA_DIR/openi/ (where downloads go), or DATA_DIR itself
+    when the archives (or what they extract to) were put there by hand, e.g. --data-dir
+    ~/Downloads/openi."""
     data_dir = Path(data_dir)
     if not has_openi_files(data_dir / "openi") and has_openi_files(data_dir):
         return data_dir
@@ -215,26 +238,31 @@ def openi_root(data_dir):
 
 
 def png_folder(root):
-    """The folder of PNGs under `root`: NLMCXR_png/, or else the one folder directly inside that holds PNGs (the
-    image archive extracted by hand under another name); None when there is none yet."""
+    """The folder of PNGs under `root`: NLMCXR_png/, or else the one folder directly inside that
+    holds PNGs (the image archive extracted by hand under another name); None when there is none
+    yet."""
     if (root / "NLMCXR_png").is_dir():
         return root / "NLMCXR_png"
-    folders = [path for path in sorted(root.iterdir()) if path.is_dir() and next(path.rglob("*.png"), None)] \
+    folders = [path for path in sorted(root.iterdir())
+               if path.is_dir() and next(path.rglob("*.png"), None)] \
         if root.is_dir() else []
     if len(folders) > 1:
-        raise DataError(f"{root} holds several folders of PNGs ({', '.join(p.name for p in folders)}); "
+        raise DataError(f"{root} holds several folders of PNGs "
+                        f"({', '.join(p.name for p in folders)}); "
                         f"rename the one extracted from NLMCXR_png.tgz to NLMCXR_png")
     return folders[0] if folders else None
 
 
 def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA256,
                 reports_size=OPENI_REPORTS_SIZE, images_sha256=None, images_size=None, retries=3):
-    """Make sure the OpenI reports and PNG folder are there (see openi_root), downloading only what is missing.
+    """Make sure the OpenI reports and PNG folder are there (see openi_root), downloading only what
+    is missing.
 
-    Returns (root, reports source, images folder). Files a user put there by hand (the .tgz archives,
-    ecgen-radiology/, NLMCXR_png/ or another folder of PNGs) are used as they are. The reports are read
-    straight from the .tgz; the PNG archive is extracted into NLMCXR_png/ (find_images searches it
-    recursively, so it does not matter whether the archive has a top folder).
+    Returns (root, reports source, images folder). Files a user put there by hand (the .tgz
+    archives, ecgen-radiology/, NLMCXR_png/ or another folder of PNGs) are used as they are. The
+    reports are read straight from the .tgz; the PNG archive is extracted into NLMCXR_png/
+    (find_images searches it recursively, so it does not matter whether the archive has a top
+    folder).
     """
     root = openi_root(data_dir)
     reports_dir, reports_tgz = root / "ecgen-radiology", root / "NLMCXR_reports.tgz"
@@ -254,10 +282,12 @@ def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA25
             raise DataError(
                 f"could not download OpenI ({error}).\nDownload by hand:\n"
                 + "".join(f"  {base_url}/{d.name}\n" for d in missing)
-                + f"and put {reports_tgz.name} in {root}/ (as is, or extracted to {reports_dir}/) and "
-                f"{images_tgz.name} in {root}/ (as is, or with its PNGs extracted into {images}/), or pass the "
-                f"folder holding them as --data-dir."
-                + (f"\nPartial downloads are kept and resumed next time: {', '.join(parts)}" if parts else "")
+                + f"and put {reports_tgz.name} in {root}/ (as is, or extracted to {reports_dir}/) "
+                f"and {images_tgz.name} in {root}/ "
+                f"(as is, or with its PNGs extracted into {images}/), "
+                f"or pass the folder holding them as --data-dir."
+                + (f"\nPartial downloads are kept and resumed next time: {', '.join(parts)}"
+                   if parts else "")
             ) from None
     if not images.is_dir():
         try:
@@ -265,6 +295,8 @@ def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA25
         except DataError as error:
             if images_tgz not in [dest for dest, _, _ in wanted]:
                 raise
-            images_tgz.unlink()                                 # our own download: fetch it anew next run
-            raise DataError(f"{error}. It was downloaded just now and has been deleted; run again") from None
+            # our own download: fetch it anew next run
+            images_tgz.unlink()
+            raise DataError(f"{error}. It was downloaded just now and has been deleted; "
+                            f"run again") from None
     return root, (reports_dir if reports_dir.is_dir() else reports_tgz), images

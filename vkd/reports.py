@@ -1,0 +1,48 @@
+"""Reports: what every reader of a collection shares, whatever the collection.
+
+The 14 CheXpert label names, the policies for an uncertain label, the Report a reader returns,
+DataError, the exception that says what is wrong with the user's data, and label_index, a label
+looked up by name. openi.py, tables.py, download.py, data.py and evaluate.py's side files import
+from here; this file imports nothing of the project, so that imports run one way.
+"""
+from dataclasses import dataclass
+
+LABELS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+]
+# --uncertain: what a -1 label of mimic/csv becomes
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
+
+
+class DataError(Exception):
+    """A problem with the user's data that makes the run meaningless; the message says what to
+    do."""
+
+
+@dataclass
+class Report:
+    id: str                 # e.g. "CXR1"
+    findings: str
+    impression: str
+    majors: list            # MeSH major terms as written (stripped)
+    image_ids: list         # parentImage ids, e.g. "CXR1_1_IM-0001-3001"
+    # where the collection names the patient (MIMIC's subject_id, a CSV's patient column)
+    patient_id: str = None
+
+    @property
+    def text(self):
+        """The model's t: FINDINGS and IMPRESSION, the parts of the report written after reading the
+        image."""
+        return " ".join(part for part in (self.findings, self.impression) if part)
+
+
+def label_index(label_names, name):
+    """Index of a label given by name, case-insensitively; a clear error listing the names
+    otherwise."""
+    lowered = [n.lower() for n in label_names]
+    if name.lower() not in lowered:
+        raise DataError(f"unknown label {name!r}; this checkpoint's labels: "
+                        f"{', '.join(label_names)}")
+    return lowered.index(name.lower())

@@ -1,0 +1,464 @@
+"""Runtime helpers for train.py: processes, random states, checkpoints on disk, interruption, the
+record of the machine. A student can skip this file: train.py calls each of these in one line.
+
+    setup_distributed / finish_distributed   one code path for 1 or N processes (torchrun, DDP)
+    rng_states / gather_to_main / own_part   every process's random state, saved and restored
+                                             exactly
+    save_checkpoint, read_checkpoint         atomic write (a crash never leaves half a
+                                             checkpoint); a read that never runs code
+                                             (torch.load(weights_only=True))
+    resume_args, open_log                    --resume: the run's saved options and its log so far
+    freeze_unreached                         parameters a method never trains, which DDP must not
+                                             wait for
+    StopRequest, test_signal                 Ctrl-C: stop at an exact step, all processes together
+    check_labels, check_finite               stop before training a label with no positive image,
+                                             or saving a non-finite update
+    environment                              what a rerun needs to give the same numbers
+"""
+import argparse
+import atexit
+import os
+import pickle
+import platform
+import signal
+import subprocess
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model import describe
+from vkd.reports import DataError
+
+
+# ------------------------------------------------------------------------------------- processes
+
+def setup_distributed(device_name):
+    """-> (rank, world_size, device). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join
+    the process group, NCCL on GPUs and gloo on CPUs, one GPU per process; a plain `python train.py`
+    is rank 0 of 1 and runs the same code with no process group.
+
+    The group is created once per process and destroyed when the process exits, because one process
+    may train several runs (--method all, --seeds); each run ends at a barrier
+    (finish_distributed)."""
+    if "RANK" not in os.environ:
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        return 0, 1, torch.device(auto if device_name == "auto" else device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_gpus = torch.cuda.is_available() and device_name != "cpu"
+    device = torch.device(f"cuda:{local_rank}" if on_gpus else "cpu")
+    if on_gpus:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpus else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def finish_distributed(world_size):
+    """Every process waits here for rank 0 (still evaluating and saving) before the run is over."""
+    if world_size > 1:
+        dist.barrier()
+
+
+def gather_to_main(value, world_size):
+    """[value of process 0, value of process 1, ...]: what each process must get back on --resume
+    (its RNG states, its loss sums), collected for process 0 to save. One small collective, at a
+    checkpoint only."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def synchronize(device):
+    """Wait for the device's queued work; used only where a time is read, never inside the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------- random states, checkpoints
+
+def rng_states(device):
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def own_part(saved, rank, world_size):
+    """This process's entry of a per-process list that a checkpoint holds (gather_to_main); a lone
+    value is a checkpoint of one process written before such lists existed."""
+    saved = saved if isinstance(saved, list) else [saved]
+    if len(saved) != world_size:
+        raise DataError(f"the checkpoint was written by {len(saved)} process(es): resume it with "
+                        f"as many (torchrun --nproc_per_node {len(saved)}), so that each continues "
+                        f"its own random draws")
+    return saved[rank]
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated
+    checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def resume_command(out, world_size):
+    """A run continues with as many processes as it had (each resumes its own random draws)."""
+    launcher = ("python" if world_size == 1
+                else f"torchrun --standalone --nproc_per_node {world_size}")
+    return f"{launcher} train.py --out {out} --resume"
+
+
+def read_checkpoint(path, device="cpu"):
+    """The plain dict of a checkpoint written by train.py. torch.load(weights_only=True) unpickles
+    tensors, numbers, strings and containers only: a file that would run code (or is not a
+    checkpoint) is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise DataError(f"{path} was refused: not a whole checkpoint of plain tensors and numbers "
+                        f"as train.py writes them ({str(error).splitlines()[0]})") from error
+
+
+def resume_args(args):
+    """For --resume: the run's saved config (with --epochs/--stop-after of this command) and its
+    last.pt."""
+    last = Path(args.out) / "last.pt"
+    if not last.exists():
+        raise DataError(f"--resume: {last} does not exist; pass the --out of the run to continue")
+    checkpoint = read_checkpoint(last)
+    saved = argparse.Namespace(**checkpoint["config"])
+    saved.epochs = args.epochs or saved.epochs
+    saved.stop_after, saved.resume = args.stop_after, True
+    print(f"resuming {last} at epoch {checkpoint['epoch'] + 2}/{saved.epochs} "
+          f"with its saved config")
+    return saved, checkpoint
+
+
+def open_log(run):
+    """log.jsonl, process 0 only (the others get a context that does nothing); a resumed run keeps
+    the lines of the epochs its checkpoint has seen."""
+    if not run.main:
+        return nullcontext()
+    keep_epochs, path = run.start_epoch, run.out / "log.jsonl"
+    kept = path.read_text().splitlines()[:keep_epochs] if keep_epochs else []
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in kept)
+    return log
+
+
+# --------------------------------------------------------------------------------- what is trained
+
+def freeze_unreached(model, t, y, args):
+    """Parameters that the method's loss never reaches get requires_grad=False; returns their names.
+
+    `text` trains the posterior path only, so the prior head p(z|x) gets no gradient. DDP waits for
+    a gradient of every parameter that requires one and fails at the second step ("Expected to have
+    finished reduction in the prior iteration"); its find_unused_parameters=True would search the
+    graph after every step instead. Found once by one probe backward in eval mode (BatchNorm
+    statistics untouched) with the RNG restored afterwards (the run's draws unchanged). AdamW
+    skipped these parameters already (no gradient), so one process trains exactly as before, and DDP
+    now leaves them out."""
+    # any image: the same graph
+    x = torch.zeros(len(t), 1, args.image_size, args.image_size, device=t.device)
+    model.eval()
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        loss = model(x, t, y, 1.0, args.prior_weight, args.latent_samples)["loss"]
+        names, parameters = zip(*model.named_parameters())
+        gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+    model.train()
+    unreached = [name for name, gradient in zip(names, gradients) if gradient is None]
+    for name in unreached:
+        model.get_parameter(name).requires_grad_(False)
+    return unreached
+
+
+# ------------------------------------------------------------------------- interruption and failure
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training: the step in flight finishes, last.pt is written at that
+    exact step, and the run exits; a second Ctrl-C stops at once. One process checks its flag
+    between steps as a plain Python flag (no device sync). Under torchrun (which passes the Ctrl-C
+    on to every process) see `agreed`."""
+
+    def __init__(self, run):
+        self.world_size, self.log_every, self.device = (run.world_size, run.args.log_every,
+                                                        run.device)
+        self.signal_at = test_signal(run.rank, run.world_size)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        when = ("this step" if self.world_size == 1
+                else "up to --log-every steps (all processes stop together)")
+        tqdm.write(f"Ctrl-C: finishing {when}, then saving last.pt "
+                   f"(Ctrl-C again to quit without saving)")
+
+    def agreed(self, steps_done, steps_per_epoch, step):
+        """Whether every process stops after this step (`steps_done` of this epoch, global `step`).
+        The signal reaches the processes at different steps, and one that stops while another starts
+        the next step hangs both in a collective; so they agree with an all-reduce (max) of their
+        flags, only at the steps where the loop syncs the host anyway: every --log-every steps and
+        the epoch's last step. One process reads its own flag after every step."""
+        # tests only: see test_signal
+        if self.signal_at is not None and step == self.signal_at[0]:
+            # the handler runs before this returns
+            signal.raise_signal(self.signal_at[1])
+        if self.world_size == 1:
+            return self.requested
+        if steps_done != steps_per_epoch and not (self.log_every
+                                                  and steps_done % self.log_every == 0):
+            return False
+        flag = torch.tensor(float(self.requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def __exit__(self, *exception):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def test_signal(rank, world_size):
+    """For the tests only: VKD_TEST_SIGNAL_AT_STEP=N:NAME (e.g. 12:SIGINT) makes the last process
+    send itself that signal after global step N, so that an interruption lands at a known step
+    however busy the machine, through the real handler. -> (step, signal) in that process, else
+    None."""
+    spec = os.environ.get("VKD_TEST_SIGNAL_AT_STEP")
+    if spec is None or rank != world_size - 1:
+        return None
+    step, name = spec.split(":")
+    return int(step), signal.Signals[name]
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (non-finite losses); the message says which checkpoint is kept and what
+    to try."""
+
+
+def check_labels(collection, allow_missing, main_process):
+    """A label without a positive training image cannot be learnt: stop, unless told to go on."""
+    train_idx = collection.splits["train"]
+    missing = [name for k, name in enumerate(collection.label_names)
+               if np.nansum(collection.labels[train_idx, k]) == 0]
+    if missing and not allow_missing:
+        raise DataError(f"no positive training image for {', '.join(missing)}: the model cannot "
+                        f"learn {'it' if len(missing) == 1 else 'them'}. Use more data (or a "
+                        f"larger --train-fraction), another --split-seed, drop the label "
+                        f"(--csv-labels), or pass --allow-missing-labels to train anyway")
+    if missing and main_process:
+        print(f"warning: no positive training image for {', '.join(missing)} "
+              f"(--allow-missing-labels)")
+
+
+def check_finite(bad_steps, steps, epoch, amp, out, saved_epoch):
+    """Non-finite loss or gradients. With fp16 the GradScaler already skipped those steps (and
+    lowered its scale): they are only counted, unless they are most of the epoch. Otherwise the
+    update has reached the weights, so the run stops here, before anything is saved, and the last
+    good checkpoint stays as it is."""
+    if bad_steps == 0 or (amp == "fp16" and bad_steps <= steps // 2):
+        return
+    kept = (f"{out}/last.pt keeps epoch {saved_epoch + 1}" if saved_epoch is not None
+            else "no checkpoint had been written yet")
+    raise TrainingStopped(f"non-finite loss or gradients in {bad_steps} of {steps} steps of epoch "
+                          f"{epoch + 1}; stopped without saving them ({kept}). Try a lower --lr, "
+                          f"--amp bf16 or off, and check the inputs")
+
+
+# -------------------------------------------------------------------------------------- environment
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout
+    except OSError:
+        return ""
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """What a reader needs to rerun this: the code (commit, and whether it had uncommitted changes),
+    the library versions and the hardware."""
+    import PIL
+    import tokenizers
+    import torchvision
+    return {"git_commit": git("rev-parse", "HEAD").strip() or None,
+            "git_uncommitted_changes": bool(git("status", "--porcelain",
+                                                "--untracked-files=no").strip()),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "tokenizers": tokenizers.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cpu": cpu_name()} | numerics()
+
+
+def numerics():
+    """What else decides the exact floating-point results of the same command: the threads (a sum
+    split over more threads is added in another order), the torch build and the kernels it picks
+    (CPU vector instructions, CUDA/cuDNN versions), and the determinism settings."""
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "torch_git_version": torch.version.git_version,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+
+
+# --------------------------------------------------------------------- what train.py calls by name
+
+def start(args):
+    """-> (rank, world_size, device, amp): the processes (setup_distributed), the autocast mode
+    (auto = bf16 on CUDA, off on a CPU), this process's seed and the GPU's kernels."""
+    rank, world_size, device = setup_distributed(args.device)
+    amp = args.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise DataError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+    if args.batch_size % world_size:
+        raise DataError(f"--batch-size {args.batch_size} must be divisible by the {world_size} "
+                        f"processes")
+    # dropout and latent samples differ between processes; DDP gives all rank 0's initial weights
+    torch.manual_seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True        # cuDNN picks kernels for our fixed shapes
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world_size, device, amp
+
+
+@contextmanager
+def main_process_first(rank, world_size):
+    """Process 0 runs the block first (it draws or reads the data and writes the tokenizer), then
+    the others, which read what it wrote."""
+    if rank > 0:
+        dist.barrier()
+    yield
+    if rank == 0 and world_size > 1:
+        dist.barrier()
+
+
+def restore(run, checkpoint):
+    """A resumed run's weights, optimizer, scaler, progress and this process's RNG states; then the
+    parameters the method never trains are frozen (-> their names) and the model is wrapped for the
+    step: compiled (--compile), in DistributedDataParallel (torchrun)."""
+    if checkpoint is not None:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scaler.load_state_dict(checkpoint["scaler"])
+        run.start_epoch, run.step = checkpoint["epoch"] + 1, checkpoint["step"]
+        run.best_auroc, run.saved_epoch = checkpoint["best_auroc"], checkpoint["epoch"]
+        set_rng_states(own_part(checkpoint["rng"], run.rank, run.world_size), run.device)
+    untrained = freeze_unreached(run.model, run.tokens[:2], run.labels[:2], run.args)
+    run.forward = torch.compile(run.model) if run.args.compile else run.model
+    if run.world_size > 1:                      # gradients averaged over the processes in backward
+        devices = [run.device] if run.device.type == "cuda" else None      # one GPU each, or CPUs
+        run.forward = DistributedDataParallel(run.forward, device_ids=devices)
+    return untrained
+
+
+def epoch_progress(run, interrupted):
+    """Where an epoch starts: (steps done, loss sums (5,) on the device, the augmentation
+    generator's state), from a checkpoint written part-way through it, else (0, zeros, None)."""
+    if interrupted is None:
+        return 0, torch.zeros(5, device=run.device), None
+    sums = own_part(interrupted["sums"], run.rank, run.world_size).to(run.device)
+    return interrupted["steps_done"], sums, interrupted["augment_rng"]
+
+
+def time_first_step(run, epoch_start):
+    """The run's first step: its time and the time from the start (compilation included)."""
+    if "first_step_s" in run.record:
+        return
+    synchronize(run.device)
+    run.record["first_step_s"] = time.time() - epoch_start
+    run.record["time_to_first_step_s"] = time.time() - run.start_time
+
+
+def sum_over_processes(sums, world_size):
+    """The loss sums of every process's batches, added up in place (one all-reduce)."""
+    if world_size > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
+def all_rng_states(run):
+    """Every process's RNG states, for process 0 to save: each resumes its own draws."""
+    return gather_to_main(rng_states(run.device), run.world_size)
+
+
+def save_interrupted(run, epoch, steps_done, sums, augment_rng, checkpoint_state):
+    """Ctrl-C: last.pt at the exact step, with the loss sums and the augmentation generator of the
+    epoch so far, so that --resume ends exactly as the uninterrupted run would. `checkpoint_state`
+    is train.checkpoint_state."""
+    rng = all_rng_states(run)
+    own_sums = gather_to_main(sums.cpu(), run.world_size)
+    if run.main:
+        interrupted = {"steps_done": steps_done, "sums": own_sums,
+                       "augment_rng": augment_rng.get_state() if augment_rng is not None else None}
+        state = checkpoint_state(run, epoch - 1, rng, interrupted=interrupted)
+        save_checkpoint(run.out / "last.pt", state)
+        print(f"\ninterrupted at step {steps_done}/{run.steps_per_epoch} of epoch {epoch + 1}; "
+              f"saved {run.out}/last.pt. Continue with: {resume_command(run.out, run.world_size)}")
+    finish_distributed(run.world_size)
+
+
+def run_line(run):
+    """What is trained on what, printed once at the start of a run."""
+    where = "preloaded" if torch.is_tensor(run.images) else "streamed"
+    return (f"{run.args.method} on {run.args.data}: {usage(run.collection)}, "
+            f"{run.steps_per_epoch} steps/epoch, device {run.device} x {run.world_size}, "
+            f"amp {run.amp}, images {where}; {describe(run.model)}")
+
+
+def usage(collection):
+    """'562 of 600 reports used (skipped: no_text 8, ...); 781 train / 121 val images'."""
+    summary = collection.summary
+    skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items() if n)
+    return (f"{summary['reports_used']} of {summary['reports']} reports used (skipped: "
+            f"{skipped or 'none'}); {len(collection.splits['train'])} train / "
+            f"{len(collection.splits['val'])} val images")
+
+
+def epoch_line(record, run, epoch):
+    """The one log line of an epoch (and, after the first epoch with --compile, its first step)."""
+    r, beta = record, record["beta"]
+    line = (f"epoch {r['epoch']:3d} step {r['step']:6d} | loss {r['loss']:7.3f} "
+            f"(bce_q {r['bce_posterior']:.3f} bce_p {r['bce_prior']:.3f} kl {r['kl']:7.3f}) | "
+            f"beta {'-' if beta is None else f'{beta:.3f}'} | lr {r['lr']:.2e} | "
+            f"val macro AUROC {r['val_macro_auroc']:.4f} | {r['images_per_s']:.0f} img/s | "
+            f"{r['epoch_s']:.1f}s")
+    if epoch == run.start_epoch and run.args.compile:
+        line += (f"\ntorch.compile: the first step took {run.record['first_step_s']:.1f}s, "
+                 f"compilation included")
+    return line
