@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import data
-from metrics import bootstrap_draws, resampled, run_report
+from vkd.metrics import bootstrap_draws, resampled, run_report
 from model import VKD, VKDConfig
 from vkd import analysis
 from vkd.compare import Evaluated, cell, compare_runs, format_comparison

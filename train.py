@@ -28,7 +28,7 @@ import data
 import evaluate
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
-from metrics import auroc_summary
+from vkd.metrics import auroc_summary
 from model import VKD, describe, positive_weights
 from vkd import batching, options, recipe, runtime
 

@@ -17,8 +17,8 @@ COLLECTIONS = {
     # OpenI has only 2,600 training reports. On its validation splits (split seeds 0, 1, 2; picked
     # with a script outside the project, see docs/RESULTS.md) a transformer of one layer, 128 wide,
     # with word dropout 0.2 and its sentences shuffled scored highest, and 30 epochs did better
-    # than 20. Drawing the images of rare labels more often (--oversample) scored higher with each of
-    # three training seeds; with it, no dropout inside the transformer scored the same as 0.1 and
+    # than 20. Drawing the images of rare labels more often (--oversample) scored higher with each
+    # of three training seeds; with it, no dropout inside the transformer scored the same as 0.1 and
     # takes about a third less time on a CPU. On top of these, attention within each sentence only
     # (--sentence-attention) scored higher with each of three training seeds. Batches group reports
     # of similar length (--group-by-length), each cut to its longest.

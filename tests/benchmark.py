@@ -40,10 +40,12 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vkd import batching  # noqa: E402
-from vkd import runtime  # noqa: E402
 import train  # noqa: E402
 from model import VKD, VKDConfig  # noqa: E402
+from vkd import (
+    batching,  # noqa: E402
+    runtime,  # noqa: E402
+)
 
 PIXEL_MEAN, PIXEL_STD = 0.45, 0.25
 OPENI_IMAGES = 7_300

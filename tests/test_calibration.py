@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from vkd.calibration import (apply_temperature, calibration_bins, choose_threshold,
-                             expected_calibration_error, fit_temperature, operating_point,
-                             rejection_curve)
-from metrics import auroc, auroc_summary
+from vkd.metrics import auroc, auroc_summary
+from vkd.calibration import (
+    apply_temperature,
+    calibration_bins,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    operating_point,
+    rejection_curve,
+)
 
 
 def test_ece_is_near_zero_when_calibrated_and_exact_on_known_cases():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import evaluate
+from vkd.metrics import SUMMARY_KEYS, auroc_summary
 from vkd.compare import Evaluated, compare_runs, format_comparison, group_runs, p_value
-from metrics import SUMMARY_KEYS, auroc_summary
 from vkd.reports import DataError
 
 

@@ -21,9 +21,8 @@ import pytest
 from PIL import Image
 
 import data
-from vkd import image_cache
-from vkd import openi
 from data import LABELS, SPLITS
+from vkd import image_cache, openi
 from vkd.openi import MESH_RULES
 from vkd.reports import Report
 
@@ -661,7 +660,8 @@ def test_parallel_cache_build_equals_the_serial_one(tmp_path):
 
 def test_two_processes_building_one_cache_at_once_both_get_it_whole(tmp_path):
     paths, cache = write_images(tmp_path / "png", count=40), tmp_path / "cache"
-    script = ("import sys, hashlib, numpy as np, image_cache; from pathlib import Path; "
+    script = ("import sys, hashlib, numpy as np; from vkd import image_cache; "
+              "from pathlib import Path; "
               "a, bad = image_cache.cached_images([Path(p) for p in sys.argv[2:]], 16, "
               "sys.argv[1]); "
               "print(hashlib.sha256(np.ascontiguousarray(a)).hexdigest(), len(bad))")

@@ -16,10 +16,9 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from vkd import batching
-from vkd import runtime
 import train
 from model import VKD, VKDConfig
+from vkd import batching, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH, EPOCHS, SEED = 16, 2, 0

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from vkd import download as dl
-from vkd.reports import DataError
 from vkd.download import download, fetch_openi, safe_extract
+from vkd.reports import DataError
 
 
 class Handler(BaseHTTPRequestHandler):

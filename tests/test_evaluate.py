@@ -47,6 +47,7 @@ def test_samples_on_an_image_checkpoint_use_the_prior_mean_and_say_so():
     """The image baseline's logvar_p is untrained: --samples must not draw from it (but does for
     vkd)."""
     import torch
+
     from model import VKD, VKDConfig
     images = np.random.default_rng(0).integers(0, 256, (6, 16, 16), dtype=np.uint8)
     config = {"pixel_mean": 0.5, "pixel_std": 0.25}

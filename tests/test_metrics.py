@@ -7,9 +7,18 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import evaluate
+from vkd.metrics import (
+    SUMMARY_KEYS,
+    auroc,
+    auroc_summary,
+    average_precision,
+    average_ranks,
+    bootstrap_draws,
+    bootstrap_indices,
+    metric_summary,
+    paired_difference,
+)
 from vkd.calibration import expected_calibration_error
-from metrics import (SUMMARY_KEYS, auroc, auroc_summary, average_precision, average_ranks,
-                     bootstrap_draws, bootstrap_indices, metric_summary, paired_difference)
 
 
 def test_average_ranks_with_ties():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from model import METHODS, VKD, VKDConfig, TextEncoder, bce, gaussian_kl, reparameterize
+from model import METHODS, VKD, TextEncoder, VKDConfig, bce, gaussian_kl, reparameterize
 
 SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2,
              text_layers=1)

@@ -13,12 +13,11 @@ from PIL import Image
 
 import data
 import evaluate
-from vkd import gradcam
-from vkd import image_cache
-import metrics
-from vkd.recipe import run_recipe
+from vkd import metrics
 import train
 from model import VKD, VKDConfig
+from vkd import analysis, gradcam, image_cache
+from vkd.recipe import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4",
@@ -114,7 +113,7 @@ def test_single_images_of_any_kind_get_probabilities_and_an_overlay(recipe, tmp_
     for other in paths[1:3]:                                # RGB and 16-bit PNG of the same drawing
         assert [result[str(other)][n]["p"] for n in data.LABELS] == pytest.approx(png, abs=0.02)
     image_model, image_checkpoint = evaluate.load_checkpoint(runs / "demo-image-seed0" / "best.pt")
-    _, p, mean, std = evaluate.predict_files(image_model, image_checkpoint, paths[:1], "cpu")
+    _, p, mean, std = analysis.predict_files(image_model, image_checkpoint, paths[:1], "cpu")
     # no trained prior variance: no uncertainty
     assert p.shape == (1, 14) and mean is None and std is None
     text = run_evaluate("--ckpt", runs / "demo-text-seed0" / "best.pt", "--image", paths[0],

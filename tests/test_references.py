@@ -7,7 +7,8 @@ import tokenize
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = sorted(REPO.glob("*.py")) + sorted((REPO / "tests").glob("*.py"))
+SOURCES = sorted([*REPO.glob("*.py"), *REPO.glob("vkd/*.py"), *REPO.glob("config/*.py"),
+                  *REPO.glob("tests/*.py")])
 # lower-case words with underscores in prose that name no code of this repository on purpose
 # (maths with one-letter subscripts is skipped by the pattern): names from elsewhere
 OUTSIDE_NAMES = {"drop_last", "find_unused_parameters"}    # options of PyTorch's DataLoader and DDP
@@ -38,7 +39,8 @@ def test_every_file_a_docstring_or_comment_names_exists():
         prose, _ = prose_and_code(path)
         # documents and code a reader opens
         for name in re.findall(r"[\w./-]+\.(?:md|py)\b", prose):
-            candidates = [REPO / name, REPO / "docs" / name, path.parent / name]
+            candidates = [REPO / name, REPO / "docs" / name, REPO / "vkd" / name,
+                          path.parent / name]
             if not any(candidate.exists() for candidate in candidates):
                 missing.append(f"{path.name}: {name}")
     assert not missing, f"docstrings/comments name files that are not in the repository: {missing}"
@@ -71,7 +73,7 @@ def test_every_module_constant_is_used_and_every_url_written_once():
     texts = {path: path.read_text(encoding="utf-8") for path in SOURCES}
     everything = "\n".join(texts.values())
     unused, urls = [], {}
-    for path in sorted(REPO.glob("*.py")):
+    for path in [path for path in SOURCES if path.parent.name != "tests"]:
         for node in ast.parse(texts[path]).body:
             names = [t.id for t in getattr(node, "targets", [])
                      if isinstance(t, ast.Name) and t.id.isupper()]

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vkd import batching
-from vkd import runtime
 import train
+from vkd import batching, runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4",

@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 import data
-from vkd import image_cache
-import metrics
-from vkd import tables
+from vkd import metrics
 from data import LABELS, SPLITS
+from vkd import image_cache, tables
 
 REPO = Path(__file__).resolve().parents[1]
 # the real files list labels A-Z

@@ -1,5 +1,6 @@
 """The report-reading path: the length limit from the data, the collection's defaults, attention
 pooling, the positive-label weights, what reaches the tokenizer, and the bag-of-words reference."""
+import json
 from argparse import Namespace
 from types import SimpleNamespace
 
@@ -8,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vkd import batching
 import data
-from vkd import options
 import train
+from config.collections import COLLECTIONS
+from vkd.metrics import auroc_summary
+from model import VKD, TextEncoder, VKDConfig, bce, positive_weights
+from vkd import batching, options
 from vkd.bow import fit_bag_of_words, token_presence
-from metrics import auroc_summary
-from model import VKD, VKDConfig, TextEncoder, bce, positive_weights
 
 SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2,
              text_layers=1)
@@ -60,7 +61,7 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert (given.text_pooling, given.pos_weight) == ("mean", "none")
     assert (train.get_args(["--preset", "tiny"]).epochs == 8
             and train.get_args(["--preset", "tiny"]).max_len == 64)
-    assert set(options.DATA_DEFAULTS) == {"demo", "openi", "mimic"}
+    assert set(COLLECTIONS) == {"demo", "openi", "mimic", "csv"}
     assert (openi.epochs, demo.epochs,
             train.get_args(["--data", "openi", "--epochs", "5"]).epochs) == (30, None, 5)
     assert ((openi.text_dim, openi.text_layers, openi.word_dropout, openi.group_by_length)
@@ -95,13 +96,12 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
     assert train.get_args(["--data", "openi", "--resume", "--out", "runs/x"]).epochs is None
 
 
-def test_old_config_without_the_new_options_gets_the_old_model():
-    old = Namespace(latent_dim=8, backbone="cnn", cnn_width=4, max_len=12, text_dim=16,
-                    text_layers=1, dropout=0.1, method="text")
-    assert options.model_config(old, 14, 50).text_pooling == "mean"
-    assert options.model_config(old, 14, 50).word_dropout == 0.0
-    assert not options.model_config(old, 14, 50).sentence_shuffle
-    assert not options.model_config(old, 14, 50).sentence_attention
+def test_a_saved_config_gives_back_the_same_model_config():
+    """resume and evaluate rebuild the model from the config saved in run.json and checkpoints."""
+    for argv in ([], ["--data", "openi"], ["--preset", "authors"], ["--method", "text"]):
+        args = train.get_args(argv + ["--max-len", "32"])
+        saved = Namespace(**json.loads(json.dumps(vars(args))))       # as run.json holds it
+        assert options.model_config(saved, 14, 50, 7) == options.model_config(args, 14, 50, 7)
 
 
 # ------------------------------------------------------------------------- what the tokenizer reads
@@ -166,7 +166,7 @@ def test_padding_never_changes_the_report_feature(pooling, sentences):
 
 
 def test_word_dropout_replaces_words_by_unk_in_training_only():
-    from model import PAD, UNK
+    from vkd.text_tuning import PAD, UNK
     tokenizer = data.train_tokenizer(["no acute disease", "small left effusion"], 60)
     assert (tokenizer.token_to_id("[PAD]"), tokenizer.token_to_id("[UNK]")) == (PAD, UNK)
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_image_runs_neither_group_nor_shuffle_reports_and_say_so():
 
 
 def test_sentence_shuffle_reorders_whole_sentences_in_training_only():
-    from model import shuffle_sentences
+    from vkd.text_tuning import shuffle_sentences
     dot = 9
     t = torch.tensor([
         [2, 3, dot, 4, dot, 5, 6, 7, 0, 0],        # three sentences, the last without "."
@@ -252,7 +252,7 @@ def test_sentence_shuffle_reorders_whole_sentences_in_training_only():
 def test_sentence_attention_keeps_each_sentence_to_itself():
     """With sentence_attention, the features of a sentence's tokens do not depend on any other
     sentence; without it they do. Word dropout never drops the "." that ends a sentence there."""
-    from model import UNK, sentence_mask
+    from vkd.text_tuning import UNK, sentence_mask
     dot = 9
     t = torch.tensor([[2, 3, dot, 4, 5, dot, 6, 0],            # "2 3 ." "4 5 ." "6", then padding
                       [7, 8, 6, 5, 4, 3, 2, 0]])               # one sentence without "."

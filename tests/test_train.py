@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from vkd import batching
 import data
-from vkd import options
-from vkd import runtime
 import train
 from model import VKD, VKDConfig
+from vkd import batching, options, runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4",

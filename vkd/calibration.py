@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metrics import auroc_summary, none_if_nan, observed, threshold_counts
+from vkd.metrics import auroc_summary, none_if_nan, observed, threshold_counts
 
 # -------------------------------------------------------------------------------------- calibration
 

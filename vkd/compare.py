@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from metrics import (METRICS, SUMMARY_KEYS, bootstrap_draws, interval, paired_difference, resampled,
+from vkd.metrics import (METRICS, SUMMARY_KEYS, bootstrap_draws, interval, paired_difference, resampled,
                      run_report)
 from vkd.reports import LABELS, DataError
 

@@ -233,40 +233,52 @@ def build_evaluate_parser():
     """The options of evaluate.py, grouped."""
     parser = argparse.ArgumentParser(description="Evaluate VKD checkpoints from images only.")
     add = parser.add_argument_group("checkpoints").add_argument
-    add("--ckpt", default=None, help="checkpoint written by train.py (default: none; needed unless --compare)")
+    add("--ckpt", default=None,
+        help="checkpoint written by train.py (default: none; needed unless --compare)")
     add("--compare", nargs="+", default=None, metavar="CKPT",
-        help="checkpoints compared on their common test split, paired differences to the first (--ckpt, if given, "
-             "is the first); runs differing only in --seed are averaged as one method (default: none)")
-    add("--split", default="test", choices=("train", "val", "test"), help="split evaluated (default: test)")
+        help="checkpoints compared on their common test split, paired differences to the first "
+             "(--ckpt, if given, is the first); runs differing only in --seed are averaged as one "
+             "method (default: none)")
+    add("--split", default="test", choices=("train", "val", "test"),
+        help="split evaluated (default: test)")
     add("--device", default="cpu", help="torch device (default: cpu)")
     add = parser.add_argument_group("prediction").add_argument
-    add("--samples", type=int, default=0, help="prior samples averaged for the probabilities; 0 uses the prior "
-                                               "mean (default: 0)")
+    add("--samples", type=int, default=0, help="prior samples averaged for the probabilities; 0 "
+                                               "uses the prior mean (default: 0)")
     add("--uncertainty-samples", type=int, default=100,
-        help="prior samples whose spread is the uncertainty, for --image and the rejection curve (default: 100)")
-    add("--bow", action="store_true", help="also fit the bag-of-words reference (bow.py) on the training reports, "
-                                           "with the checkpoint's tokens, and evaluate it on --split (default: off)")
+        help="prior samples whose spread is the uncertainty, for --image and the rejection curve "
+             "(default: 100)")
+    add("--bow", action="store_true", help="also fit the bag-of-words reference (bow.py) on the "
+                                           "training reports, with the checkpoint's tokens, and "
+                                           "evaluate it on --split (default: off)")
     add = parser.add_argument_group("statistics").add_argument
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
-    add("--seed", type=int, default=0, help="seed of the bootstrap and of prior sampling (default: 0)")
-    add("--reject", default="0.1,0.2,0.3", help="fractions of most uncertain images rejected (default: 0.1,0.2,0.3)")
-    add("--temperature", action="store_true", help="fit temperature scaling on val and report ECE after it "
-                                                   "(default: off)")
+    add("--seed", type=int, default=0,
+        help="seed of the bootstrap and of prior sampling (default: 0)")
+    add("--reject", default="0.1,0.2,0.3",
+        help="fractions of most uncertain images rejected (default: 0.1,0.2,0.3)")
+    add("--temperature", action="store_true", help="fit temperature scaling on val and report ECE "
+                                                   "after it (default: off)")
     add("--target-sensitivity", type=float, default=None,
-        help="choose thresholds on val for this sensitivity instead of Youden's J (default: Youden's J)")
-    add("--bins", type=int, default=15, help="equal-width bins of the ECE and reliability diagram (default: 15)")
+        help="choose thresholds on val for this sensitivity instead of Youden's J "
+             "(default: Youden's J)")
+    add("--bins", type=int, default=15,
+        help="equal-width bins of the ECE and reliability diagram (default: 15)")
     add = parser.add_argument_group("single images").add_argument
     add("--image", nargs="+", default=None, metavar="FILE",
-        help="PNG/JPEG files: print the label probabilities with uncertainty instead of evaluating (default: none)")
-    add("--cam", default=None, metavar="LABEL", help="write Grad-CAM overlays for this label: for each --image, or "
-                                                     "for the most confident positive test images (default: none)")
+        help="PNG/JPEG files: print the label probabilities with uncertainty instead of evaluating "
+             "(default: none)")
+    add("--cam", default=None, metavar="LABEL", help="write Grad-CAM overlays for this label: for "
+                                                     "each --image, or for the most confident "
+                                                     "positive test images (default: none)")
     add("--cam-images", type=int, default=4, help="test images in the --cam picture (default: 4)")
     add = parser.add_argument_group("output").add_argument
-    add("--plots", action="store_true", help="write ROC/PR, reliability, training and latent pictures as PNGs "
-                                             "(needs matplotlib) (default: off)")
-    add("--latent-label", default=None, help="label colouring the latent picture (default: the most frequent)")
-    add("--out", default=None, help="folder for pictures and overlays (default: the checkpoint's run folder; "
-                                    "with --compare: runs/compare)")
+    add("--plots", action="store_true", help="write ROC/PR, reliability, training and latent "
+                                             "pictures as PNGs (needs matplotlib) (default: off)")
+    add("--latent-label", default=None,
+        help="label colouring the latent picture (default: the most frequent)")
+    add("--out", default=None, help="folder for pictures and overlays (default: the checkpoint's "
+                                    "run folder; with --compare: runs/compare)")
     add("--json", action="store_true", help="print the results as JSON (default: off)")
     # another collection than the checkpoint's: cross-dataset evaluation
     add_data_args(parser.add_argument_group("data (default: the checkpoint's own)"), inherit=True)

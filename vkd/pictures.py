@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from vkd.calibration import apply_temperature, calibration_bins, expected_calibration_error
-from metrics import auroc, average_precision, observed, threshold_counts
+from vkd.metrics import auroc, average_precision, observed, threshold_counts
 
 class PlotError(Exception):
     """A picture was asked for but cannot be drawn (matplotlib missing)."""

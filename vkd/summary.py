@@ -26,12 +26,14 @@ def count_used(collection):
         "images_used": int(sum(len(collection.splits[split]) for split in SPLITS)),
         "labels": {name: int(positives[:, k].sum()) for k, name in enumerate(names)},
         "splits": {split: int((split_of == split).sum()) for split in SPLITS},
-        "labels_per_split": {split: {name: int(positives[split_of == split, k].sum()) for k, name in enumerate(names)}
+        "labels_per_split": {split: {name: int(positives[split_of == split, k].sum())
+                                     for k, name in enumerate(names)}
                              for split in SPLITS},
         "reports_without_positive_label": int((~positives.any(1)).sum()),
     }
     if np.isnan(labels).any():
-        counts["ignored_uncertain"] = {name: int(np.isnan(labels[:, k]).sum()) for k, name in enumerate(names)}
+        counts["ignored_uncertain"] = {name: int(np.isnan(labels[:, k]).sum())
+                                       for k, name in enumerate(names)}
     return counts
 
 
@@ -51,7 +53,8 @@ def drop_undecodable(collection, undecodable, strict=False):
     bad = sorted(undecodable)
 
     def reports_in_splits():
-        return set(collection.report_index[np.concatenate(list(collection.splits.values()))].tolist())
+        return set(
+            collection.report_index[np.concatenate(list(collection.splits.values()))].tolist())
     # not the training reports that --train-fraction left out
     before = reports_in_splits()
     collection.splits = {split: np.setdiff1d(idx, bad) for split, idx in collection.splits.items()}
@@ -60,8 +63,9 @@ def drop_undecodable(collection, undecodable, strict=False):
                             for split, ids in collection.split_ids.items()}
     empty = [split for split in SPLITS if not len(collection.splits[split])]
     if empty:
-        raise DataError(f"no decodable image is left in the {' and '.join(empty)} split under {collection.root}; "
-                        f"{len(bad)} image(s) cannot be decoded, e.g. {collection.image_paths[bad[0]]}")
+        raise DataError(f"no decodable image is left in the {' and '.join(empty)} split under "
+                        f"{collection.root}; {len(bad)} image(s) cannot be decoded, e.g. "
+                        f"{collection.image_paths[bad[0]]}")
     summary = collection.summary
     summary["skipped"]["bad_image"] = len(bad)
     summary["skipped_ids"]["bad_image"] = [str(collection.image_paths[i]) for i in bad]
@@ -74,16 +78,21 @@ def drop_undecodable(collection, undecodable, strict=False):
 
 
 def print_summary(summary, label_names):
-    print(f"reports found {summary['reports']}, used {summary['reports_used']}, images {summary['images_used']}")
-    print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()) or "none"))
+    print(f"reports found {summary['reports']}, used {summary['reports_used']}, "
+          f"images {summary['images_used']}")
+    print("skipped: " + (", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items())
+                         or "none"))
     if "sources" in summary:
-        print(f"reports from {summary['sources']['reports']}, images from {summary['sources']['images']}")
+        print(f"reports from {summary['sources']['reports']}, "
+              f"images from {summary['sources']['images']}")
     width = max(28, *(len(name) + 2 for name in label_names))
     print(f"{'label':{width}s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'all':>7s}")
     for name in label_names:
         counts = [summary["labels_per_split"][s][name] for s in SPLITS]
-        print(f"{name:{width}s}" + "".join(f"{n:7d}" for n in counts) + f"{summary['labels'][name]:7d}")
-    print(f"{'reports':{width}s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS) + f"{summary['reports_used']:7d}")
+        print(f"{name:{width}s}" + "".join(f"{n:7d}" for n in counts)
+              + f"{summary['labels'][name]:7d}")
+    print(f"{'reports':{width}s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS)
+          + f"{summary['reports_used']:7d}")
     print(f"reports without any positive label: {summary['reports_without_positive_label']}")
 
 

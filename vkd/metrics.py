@@ -1,20 +1,22 @@
-"""Metrics: AUROC, AUPRC and the bootstrap, in numpy alone, so that every number can be read line by line.
+"""Metrics: AUROC, AUPRC and the bootstrap, in numpy alone, so that every number can be read line
+by line.
 
-evaluate.py reports a checkpoint with metrics_report's parts (bootstrap_draws, run_report), train.py selects
-the best epoch by auroc_summary's macro AUROC on validation, compare.py pairs several runs with
-paired_difference. A label may be NaN, "not observed" (e.g. an uncertain MIMIC label under --uncertain
-ignore): every metric leaves those entries out, label by label (observed). Intervals are 95% percentile
-bootstrap intervals over whole groups, reports or patients (bootstrap_indices).
+evaluate.py reports a checkpoint with metrics_report's parts (bootstrap_draws, run_report), train.py
+selects the best epoch by auroc_summary's macro AUROC on validation, vkd/compare.py pairs several
+runs with paired_difference. A label may be NaN, "not observed" (e.g. an uncertain MIMIC label under
+--uncertain ignore): every metric leaves those entries out, label by label (observed). Intervals are
+95% percentile bootstrap intervals over whole groups, reports or patients (bootstrap_indices).
 """
 import numpy as np
 
-# -------------------------------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------------ metrics
 
 SUMMARY_KEYS = ("macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc")
 
 
 def observed(y, score):
-    """Leave out the entries whose label is NaN (not observed) -> (y as bool, score as float64), 1-D."""
+    """Leave out the entries whose label is NaN (not observed)
+    -> (y as bool, score as float64), 1-D."""
     y, score = np.asarray(y, dtype=np.float64).ravel(), np.asarray(score, dtype=np.float64).ravel()
     keep = ~np.isnan(y)
     return y[keep].astype(bool), score[keep]
@@ -25,7 +27,7 @@ def average_ranks(x):
     order = np.argsort(x, kind="mergesort")
     sorted_x = x[order]
     starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]                      # tie group g spans sorted positions [start, end)
+    ends = np.r_[starts[1:], len(x)]  # tie group g spans sorted positions [start, end)
     group = np.repeat(np.arange(len(starts)), ends - starts)
     ranks = np.empty(len(x))
     ranks[order] = ((starts + 1 + ends) / 2.0)[group]
@@ -34,7 +36,8 @@ def average_ranks(x):
 
 def auroc(y, score):
     """Area under the ROC curve = P(score of a positive > score of a negative), ties counting 1/2
-    (the Mann-Whitney U statistic). NaN when y has only one class: the AUROC is undefined then, not 0."""
+    (the Mann-Whitney U statistic). NaN when y has only one class: the AUROC is undefined then,
+    not 0."""
     y, score = observed(y, score)
     n_pos, n_neg = y.sum(), (~y).sum()
     if n_pos == 0 or n_neg == 0:
@@ -44,19 +47,22 @@ def auroc(y, score):
 
 
 def threshold_counts(y, score):
-    """Calling `score >= threshold` positive, with each distinct score as the threshold from the highest down:
-    -> (thresholds, true positives, false positives), each (T,). y bool without NaN."""
+    """Calling `score >= threshold` positive, with each distinct score as the threshold from the
+    highest down: -> (thresholds, true positives, false positives), each (T,).
+    y bool without NaN."""
     order = np.argsort(-score, kind="mergesort")
     y, score = y[order], score[order]
-    last = np.r_[np.flatnonzero(score[1:] != score[:-1]), len(score) - 1]     # last position of each tie group
+    # last position of each tie group
+    last = np.r_[np.flatnonzero(score[1:] != score[:-1]), len(score) - 1]
     tp = np.cumsum(y)[last]
     return score[last], tp, last + 1 - tp
 
 
 def average_precision(y, score):
-    """Area under the precision-recall curve as average precision, AP = sum_n (R_n - R_{n-1}) P_n over the
-    thresholds (no interpolation, as scikit-learn defines it). NaN when y has one class, like the AUROC: with
-    no positive it is undefined, and with no negative it is 1 whatever the scores."""
+    """Area under the precision-recall curve as average precision, AP = sum_n (R_n - R_{n-1}) P_n
+    over the thresholds (no interpolation, as scikit-learn defines it). NaN when y has one class,
+    like the AUROC: with no positive it is undefined, and with no negative it is 1 whatever the
+    scores."""
     y, score = observed(y, score)
     n_pos = y.sum()
     if n_pos == 0 or n_pos == len(y):
@@ -70,24 +76,27 @@ METRICS = {"auroc": auroc, "auprc": average_precision}
 
 
 def metric_summary(metric, y, p):
-    """Per-label values of `metric` on (N, K) arrays, their macro average over the labels where it is defined
-    (both classes observed; the others are left out, never counted as 0) and the micro value over all
-    observed (sample, label) pairs."""
+    """Per-label values of `metric` on (N, K) arrays, their macro average over the labels where it
+    is defined (both classes observed; the others are left out, never counted as 0) and the micro
+    value over all observed (sample, label) pairs."""
     per_label = np.array([metric(y[:, k], p[:, k]) for k in range(y.shape[1])])
     defined = ~np.isnan(per_label)
-    return {"per_label": per_label, "macro": float(per_label[defined].mean()) if defined.any() else float("nan"),
-            "micro": metric(y, p), "defined": defined}
+    return {"per_label": per_label,
+            "macro": float(per_label[defined].mean()) if defined.any() else float("nan"),
+            "micro": metric(y, p),
+            "defined": defined}
 
 
 def auroc_summary(y, p):
     return metric_summary(auroc, y, p)
 
 
-# ------------------------------------------------------------------------------------------------ bootstrap
+# ---------------------------------------------------------------------------------------- bootstrap
 
 def bootstrap_indices(groups, num_resamples, seed):
-    """Yield sample indices of resamples that draw whole groups (reports, or patients) with replacement: all
-    images of a report, or all studies of a patient, stay together, since they are not independent."""
+    """Yield sample indices of resamples that draw whole groups (reports, or patients) with
+    replacement: all images of a report, or all studies of a patient, stay together, since they are
+    not independent."""
     unique, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
     rng = np.random.default_rng(seed)
@@ -96,9 +105,10 @@ def bootstrap_indices(groups, num_resamples, seed):
 
 
 def bootstrap_draws(y, predictions, groups, num_resamples=1000, seed=0):
-    """AUROC and AUPRC of each (N, K) array in `predictions` on the same resamples of groups, so that
-    differences between them are paired. Returns one dict per array: "auroc" and "auprc" (R, K), NaN where a
-    resample leaves a label with one class, and "macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc" (R,).
+    """AUROC and AUPRC of each (N, K) array in `predictions` on the same resamples of groups, so
+    that differences between them are paired. Returns one dict per array: "auroc" and "auprc"
+    (R, K), NaN where a resample leaves a label with one class, and "macro_auroc", "micro_auroc",
+    "macro_auprc", "micro_auprc" (R,).
     A resample's macro averages the labels defined in that resample."""
     draws = [{key: [] for key in (*METRICS, *SUMMARY_KEYS)} for _ in predictions]
     for idx in bootstrap_indices(groups, num_resamples, seed):
@@ -112,15 +122,18 @@ def bootstrap_draws(y, predictions, groups, num_resamples=1000, seed=0):
 
 
 def interval(values):
-    """Percentile 95% interval of bootstrap values, NaN resamples left out; None when none is defined."""
+    """Percentile 95% interval of bootstrap values, NaN resamples left out;
+    None when none is defined."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
+    return ([float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+            if len(values) else None)
 
 
 def paired_difference(difference):
-    """Bootstrap distribution of a paired difference (B - A on the same resamples) -> its 95% interval and a
-    two-sided p-value for 'no difference': twice the share of resamples on the far side of zero, at most 1."""
+    """Bootstrap distribution of a paired difference (B - A on the same resamples) -> its 95%
+    interval and a two-sided p-value for 'no difference': twice the share of resamples on the far
+    side of zero, at most 1."""
     difference = np.asarray(difference, dtype=np.float64)
     difference = difference[~np.isnan(difference)]
     if not len(difference):
@@ -129,18 +142,20 @@ def paired_difference(difference):
     return {"ci95": interval(difference), "p": float(min(1.0, p))}
 
 
-# ------------------------------------------------------------------------ one run's numbers, ready for JSON
+# ---------------------------------------------------------------- one run's numbers, ready for JSON
 
 def none_if_nan(value):
     return None if value is None or np.isnan(value) else float(value)
 
 
 def run_report(y, p, draws, label_names):
-    """Point estimates of one run with the intervals of its bootstrap draws, as a JSON-ready dict."""
+    """Point estimates of one run with the intervals of its bootstrap draws,
+    as a JSON-ready dict."""
     summaries = {name: metric_summary(metric, y, p) for name, metric in METRICS.items()}
     per_label = {}
     for k, label in enumerate(label_names):
-        per_label[label] = {"positives": int(np.nansum(y[:, k])), "observed": int((~np.isnan(y[:, k])).sum())}
+        per_label[label] = {"positives": int(np.nansum(y[:, k])),
+                            "observed": int((~np.isnan(y[:, k])).sum())}
         for name in METRICS:
             per_label[label] |= {name: none_if_nan(summaries[name]["per_label"][k]),
                                  f"{name}_ci95": interval(draws[name][:, k])}
@@ -148,10 +163,12 @@ def run_report(y, p, draws, label_names):
     for key in SUMMARY_KEYS:
         kind, name = key.split("_")
         report |= {key: none_if_nan(summaries[name][kind]), f"{key}_ci95": interval(draws[key])}
-    report["labels_skipped_in_macro"] = [n for n, ok in zip(label_names, summaries["auroc"]["defined"]) if not ok]
+    report["labels_skipped_in_macro"] = [
+        n for n, ok in zip(label_names, summaries["auroc"]["defined"]) if not ok]
     return report
 
 
 def resampled(groups, unit):
-    """What the bootstrap drew, for the output: {"bootstrap_unit": "reports", "num_bootstrap_units": 120}."""
+    """What the bootstrap drew, for the output:
+    {"bootstrap_unit": "reports", "num_bootstrap_units": 120}."""
     return {"bootstrap_unit": unit, "num_bootstrap_units": int(len(np.unique(groups)))}
