@@ -134,6 +134,7 @@ def setup(args, start_time):
     pos_weight = positive_weights(collection.labels[train_idx], args.pos_weight)
     model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp,
                                                             steps_per_epoch, pos_weight)
+    # Run's fields in order; `forward` is the plain model until restore() wraps it
     run = Run(args, out, rank, rank == 0, world_size, device, amp, collection, split_sha256,
               images, tokens, labels, lengths, weights, model, model, optimizer, scaler,
               autocast, betas, steps_per_epoch, start_time)
