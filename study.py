@@ -3,7 +3,7 @@ docs/STUDY.md.
 
     python study.py                 # the whole grid (66 runs, about 21 minutes on a 2-core CPU),
                                     # then docs/STUDY.md
-    python study.py --quick         # a reduced grid in 1.5 minutes; the document goes into its
+    python study.py --quick         # a reduced grid in about 2 minutes; the document goes into its
                                     # --out folder
     python study.py --report-only   # write the document from the runs that have finished
 
