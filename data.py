@@ -25,6 +25,7 @@ from vkd.image_cache import cached_images
 from vkd.openi import OPENI_URL, labels_from_mesh, read_openi
 from vkd.options import add_data_args
 from vkd.reports import LABELS, DataError
+from vkd.runtime import write_text
 from vkd.summary import JSON_SUMMARY_KEYS, count_used, drop_undecodable, print_summary
 from vkd.tables import read_csv, read_mimic
 
@@ -273,12 +274,13 @@ def load_for_run(args, out, checkpoint, main_process=True):
                         f"new --out")
     if main_process:
         splits = {"split_seed": args.split_seed} | collection.split_ids
-        (out / "splits.json").write_text(json.dumps(splits))
+        write_text(out / "splits.json", json.dumps(splits))
     tokenizer_path = out / "tokenizer.json"
     train_reports = np.unique(collection.report_index[collection.splits["train"]])
     train_texts = [collection.reports[i].text for i in train_reports]
     if checkpoint is None and main_process:
-        train_tokenizer(train_texts, args.vocab_size).save(str(tokenizer_path))
+        tokenizer_json = train_tokenizer(train_texts, args.vocab_size).to_str(pretty=True)
+        write_text(tokenizer_path, tokenizer_json)              # as Tokenizer.save writes it
     tokenizer = load_tokenizer(tokenizer_path)
     if args.max_len is None:                    # not given: from the training reports, then saved
         args.max_len = length_limit(tokenizer, train_texts)

@@ -35,8 +35,12 @@ def load_checkpoint(path, device="cpu"):
     """A checkpoint written by train.py -> (model in eval mode, checkpoint dict). Never unpickles
     code (runtime.read_checkpoint)."""
     checkpoint = read_checkpoint(path, device)
-    model = VKD(VKDConfig(**checkpoint["model_config"])).to(device)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = VKD(VKDConfig(**checkpoint["model_config"])).to(device)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError, AssertionError) as error:      # another version's model
+        raise data.DataError(f"{path} was refused: its model does not fit this model.py "
+                             f"({str(error).splitlines()[0][:200]})") from error
     return model.eval(), checkpoint
 
 

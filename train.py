@@ -216,9 +216,9 @@ def train_epoch(run, epoch, stop, interrupted=None):
         runtime.time_first_step(run, epoch_start)    # once per run: a host sync
         if args.log_every and (i + 1) % args.log_every == 0:        # a host sync every N steps
             bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
-        if stop.agreed(i + 1, run.steps_per_epoch, run.step):      # Ctrl-C: save this exact step
+        if stop.agreed(i + 1, run.steps_per_epoch, run.step):      # a stop signal: save this step
             runtime.save_interrupted(run, epoch, i + 1, sums, augment_rng, checkpoint_state)
-            raise KeyboardInterrupt
+            raise stop.interrupt()
     return sums, epoch_start
 
 
@@ -244,8 +244,7 @@ def end_epoch(run, epoch, sums, epoch_start, log):
               "images_per_s": run.steps_per_epoch * args.batch_size / train_time,
               "epoch_s": time.time() - epoch_start, "nonfinite_steps": bad_steps}
     tqdm.write(runtime.epoch_line(record, run, epoch))
-    log.write(json.dumps(record) + "\n")
-    log.flush()
+    log.write(record)
     save_checkpoints(run, epoch, rng, val_auroc)
 
 
@@ -288,25 +287,26 @@ def save_checkpoints(run, epoch, rng, val_auroc):
 def train(args):
     """Train one run; under torchrun every process calls this, and process 0 alone prints, logs,
     saves and evaluates. Returns the test metrics (process 0 of a finished run) or None."""
-    run, checkpoint = setup(args, time.time())
-    args = run.args
-    if run.main:
-        (run.out / "run.json").write_text(json.dumps(run.record, indent=1))
-        print(runtime.run_line(run))
-    last_epoch = args.epochs                      # where this invocation stops (--stop-after)
-    if args.stop_after is not None:
-        last_epoch = min(args.epochs, run.start_epoch + args.stop_after)
-    # a checkpoint written on Ctrl-C is part-way through epoch start_epoch
-    interrupted = checkpoint.get("interrupted") if checkpoint is not None else None
-    with runtime.open_log(run) as log, runtime.StopRequest(run) as stop:
-        for epoch in range(run.start_epoch, last_epoch):
-            sums, epoch_start = train_epoch(run, epoch, stop, interrupted)
-            interrupted = None
-            end_epoch(run, epoch, sums, epoch_start, log)
-    if last_epoch < args.epochs and run.main:
-        print(f"stopped after epoch {last_epoch}/{args.epochs}; continue with: "
-              f"{runtime.resume_command(run.out, run.world_size)}")
-    metrics = test(run) if last_epoch == args.epochs and run.main else None
+    with runtime.FolderLock(args.out):            # one run per folder: a second one refuses
+        run, checkpoint = setup(args, time.time())
+        args = run.args
+        if run.main:
+            runtime.write_text(run.out / "run.json", json.dumps(run.record, indent=1))
+            print(runtime.run_line(run))
+        last_epoch = args.epochs                  # where this invocation stops (--stop-after)
+        if args.stop_after is not None:
+            last_epoch = min(args.epochs, run.start_epoch + args.stop_after)
+        # a checkpoint written on a stop signal is part-way through epoch start_epoch
+        interrupted = checkpoint.get("interrupted") if checkpoint is not None else None
+        with runtime.open_log(run) as log, runtime.StopRequest(run) as stop:
+            for epoch in range(run.start_epoch, last_epoch):
+                sums, epoch_start = train_epoch(run, epoch, stop, interrupted)
+                interrupted = None
+                end_epoch(run, epoch, sums, epoch_start, log)
+        if last_epoch < args.epochs and run.main:
+            print(f"stopped after epoch {last_epoch}/{args.epochs}; continue with: "
+                  f"{runtime.resume_command(run.out, run.world_size)}")
+        metrics = test(run) if last_epoch == args.epochs and run.main else None
     runtime.finish_distributed(run.world_size)
     return metrics
 
@@ -323,9 +323,9 @@ def test(run):
                                       unit=collection.bootstrap_unit)
     metrics |= {"best_epoch": checkpoint["epoch"] + 1, "method": run.args.method,
                 "wall_s": time.time() - run.start_time}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    runtime.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     run.record |= {"metrics": metrics, "wall_s": metrics["wall_s"]}
-    (out / "run.json").write_text(json.dumps(run.record, indent=1))
+    runtime.write_text(out / "run.json", json.dumps(run.record, indent=1))
     title = f"test AUROC of {out / 'best.pt'} (best val epoch {metrics['best_epoch']})"
     print(evaluate.format_metrics(metrics, title))
     print(f"wall time {metrics['wall_s']:.0f}s; results in {out}/")
@@ -345,8 +345,8 @@ def main():
         sys.exit(f"error: the device ran out of memory at --batch-size {args.batch_size}; try "
                  f"--batch-size {max(1, args.batch_size // 2)}, a smaller --image-size, or "
                  f"--preload no (cache in host memory)")
-    except KeyboardInterrupt:
-        sys.exit(130)                     # the message (and last.pt, when saved) came from train()
+    except KeyboardInterrupt as stop:     # the message (and last.pt, when saved) came from train()
+        sys.exit(128 + (stop.args[0] if stop.args else 2))     # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

@@ -201,23 +201,25 @@ def test_torchrun_stop_after_then_resume_equals_the_uninterrupted_run(uninterrup
     assert_same_weights_and_log(tmp / "whole", tmp / "stopped")
 
 
-def test_torchrun_ctrl_c_in_one_process_stops_all_at_one_step_and_resumes_exactly(uninterrupted):
-    """The signal reaches only the last process, after global step 12 (epoch 2 has 9 steps of which
-    3 are done); the processes agree at the next --log-every step (4 of epoch 2), rank 0 saves
-    there, and all exit."""
+@pytest.mark.parametrize("name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_torchrun_a_stop_signal_in_one_process_stops_all_at_one_step_and_resumes_exactly(
+        uninterrupted, name, status):
+    """Ctrl-C or SIGTERM reaches only the last process, after global step 12 (epoch 2 has 9 steps
+    of which 3 are done); the processes agree at the next --log-every step (4 of epoch 2), rank 0
+    saves there, and all exit with the signal's status."""
     tmp, _ = uninterrupted
-    out = tmp / "ctrl-c"
+    out = tmp / f"stopped-{name}"
     steps = json.loads((tmp / "whole" / "log.jsonl").read_text().splitlines()[0])["step"]
     assert steps == 9
     result = torchrun([*TINY, "--data-dir", str(tmp / "data"), "--out", str(out)],
-                      VKD_TEST_SIGNAL_AT_STEP="12:SIGINT")
+                      VKD_TEST_SIGNAL_AT_STEP=f"12:{name}")
     assert (result.returncode != 0
             and "interrupted at step 4/9 of epoch 2" in result.stdout), result.stderr[-3000:]
     # torchrun's report (with its own traceback) follows the processes' output; the first process to
-    # leave exits with Ctrl-C's 130, and torchrun may then end the other one with SIGTERM (last.pt
-    # was saved before either left)
+    # leave exits with the signal's status (130, 143), and torchrun may then end the other one with
+    # SIGTERM (last.pt was saved before either left)
     workers, launcher = result.stderr.split("failed (exitcode", 1)
-    assert "Traceback" not in workers and launcher.startswith(": 130)"), launcher[:300]
+    assert "Traceback" not in workers and launcher.startswith(f": {status})"), launcher[:300]
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert (checkpoint["epoch"] == 0 and checkpoint["step"] == 13
             and checkpoint["interrupted"]["steps_done"] == 4)

@@ -1,5 +1,6 @@
 """Download, resume, verification, safe extraction and offline handling against a local HTTP
 server."""
+import errno
 import hashlib
 import io
 import socket
@@ -411,3 +412,37 @@ def test_offline_after_a_partial_download_keeps_the_part_and_says_so(server, tmp
     part = tmp_path / "openi" / "NLMCXR_reports.tgz.part"
     assert str(part) in str(error.value) and "resumed" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "openi").iterdir()) == [part.name]
+
+
+def test_a_full_disk_during_a_download_is_an_error_naming_the_file(server, tmp_path, monkeypatch):
+    """The bytes so far stay in the .part (the next run resumes from there); no traceback."""
+    data = payload()
+    url, dest = serve(server, "a.bin", data), tmp_path / "a.bin"
+
+    class FullDisk(io.BufferedWriter):
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dl, "open", lambda path, mode: FullDisk(io.FileIO(path, mode)),
+                        raising=False)
+    with pytest.raises(dl.DataError, match=r"cannot write .*a.bin.part: No space left on device "
+                                           r"\(.* free there\)"):
+        download(url, dest, size=len(data))
+    monkeypatch.undo()
+    assert not dest.exists()
+    download(url, dest, size=len(data))
+    assert dest.read_bytes() == data
+
+
+def test_a_full_disk_during_extraction_leaves_nothing(tmp_path, monkeypatch):
+    archive = tmp_path / "a.tgz"
+    archive.write_bytes(make_tar([("x/a.txt", b"hello")]))
+    def full_disk(archive, member, partial):
+        (partial / "x").mkdir()
+        (partial / "x" / "a.txt").write_bytes(b"he")           # part of it, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dl, "_extract_member", full_disk)
+    with pytest.raises(dl.DataError, match=r"cannot write .*out.partial: No space left"):
+        safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tgz"]

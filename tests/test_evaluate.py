@@ -1,10 +1,18 @@
 """evaluate.py: checkpoints that would run code or are cut short are refused, and the image
 baseline is evaluated at its prior mean whatever --samples says."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 from vkd.reports import DataError
+from vkd.runtime import CHECKPOINT_KEYS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class _Payload:
@@ -39,6 +47,57 @@ def test_a_truncated_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
     with pytest.raises(DataError, match="cut.pt was refused"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+def damaged(kind, path):
+    """A file that is not a whole checkpoint of this train.py, of the given kind."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({key: 0 for key in CHECKPOINT_KEYS}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "not a checkpoint":
+        path.write_text("epoch,loss\n1,0.5\n")
+    elif kind == "another program's":
+        torch.save({"state_dict": {"weight": torch.zeros(2)}, "epoch": 3}, path)
+    else:                                             # another version of this project's model
+        checkpoint = {key: 0 for key in CHECKPOINT_KEYS}
+        torch.save(checkpoint | {"model": {}, "model_config": {"fusion": "poe"}}, path)
+    return path
+
+
+DAMAGED = ["empty", "truncated", "not a checkpoint", "another program's", "another version's"]
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_a_damaged_checkpoint_is_refused_by_evaluate_with_an_error_and_left_as_it_is(tmp_path,
+                                                                                      kind):
+    path = damaged(kind, tmp_path / "best.pt")
+    before = path.read_bytes()
+    with pytest.raises(DataError, match=rf"{path}"):
+        evaluate.load_checkpoint(path)
+    result = run_script("evaluate.py", "--ckpt", path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: {path}")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["empty", "another program's"])
+def test_a_damaged_checkpoint_is_refused_by_compare_and_by_resume(tmp_path, kind):
+    (tmp_path / "run").mkdir()
+    path = damaged(kind, tmp_path / "run" / "last.pt")
+    before = path.read_bytes()
+    compared = run_script("evaluate.py", "--compare", path, path)
+    resumed = run_script("train.py", "--out", tmp_path / "run", "--resume")
+    for result in (compared, resumed):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"error: {path} " in result.stderr
+    assert path.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------------ prior samples

@@ -2,12 +2,15 @@
 metrics as one that was never interrupted (on CPU, bit for bit). The signals land at a known step
 (VKD_TEST_SIGNAL_AT_STEP, read by train.py), never after a sleep that races the run, so a busy
 machine cannot change what is tested."""
+import errno
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,14 +98,17 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     assert checkpoint["epoch"] == 1 and torch.equal(checkpoint["weights"], torch.arange(4.0))
 
 
-def test_ctrl_c_saves_the_exact_step_and_resume_gives_the_same_run(uninterrupted):
+@pytest.mark.parametrize("name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_signal_saves_the_exact_step_and_resume_gives_the_same_run(uninterrupted, name,
+                                                                          status):
+    """Ctrl-C (SIGINT) or SIGTERM, what a scheduler sends before it stops a job."""
     tmp, data_dir = uninterrupted
-    out = tmp / "ctrl-c"
+    out = tmp / f"stopped-{name}"
     steps = steps_per_epoch(tmp / "whole")
     process = run_train(TINY + ["--data-dir", str(data_dir), "--out", str(out)],
-                        f"{steps + 3}:SIGINT")
+                        f"{steps + 3}:{name}")
     output = process.communicate(timeout=600)[0]
-    assert process.returncode == 130, output[-3000:]
+    assert process.returncode == status, output[-3000:]
     assert "Continue with: python train.py --out" in output and "Traceback" not in output
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 0 and checkpoint["step"] == steps + 3
@@ -209,3 +215,127 @@ def test_grouped_batches_with_word_dropout_resume_bit_identically(uninterrupted,
     monkeypatch.delenv("VKD_TEST_SIGNAL_AT_STEP")
     train.train(train.get_args(["--out", str(tmp_path / "stopped"), "--resume"]))
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+# ------------------------------------------------------------------------------- a full disk
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_finishes(uninterrupted,
+                                                                            monkeypatch):
+    """torch.save on a full disk raises a RuntimeError ("unexpected pos"): the run ends with a
+    DataError naming the file and the free space, the checkpoints before stay whole, no temporary
+    file is left, and --resume, once there is space, ends exactly as the uninterrupted run."""
+    tmp, data_dir = uninterrupted
+    out, real_save, saves = tmp / "full-disk", torch.save, []
+
+    def full_at_the_third_save(obj, file):
+        saves.append(file)
+        if len(saves) == 3:                                  # epoch 2's first checkpoint
+            with open(file, "wb") as handle:
+                handle.write(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        real_save(obj, file)
+
+    monkeypatch.setattr(runtime.torch, "save", full_at_the_third_save)
+    with pytest.raises(runtime.DataError, match=r"cannot write .*\.pt: .*unexpected pos 64 "
+                                                r"\(.* GB free there\)"):
+        train.train(train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(out)]))
+    monkeypatch.undo()
+    assert not list(out.glob("*.tmp"))
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 0
+    train.train(train.get_args(["--out", str(out), "--resume"]))
+    assert_same_run(tmp / "whole", out)
+
+
+def test_a_full_disk_at_any_text_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path,
+                                                                                  monkeypatch):
+    path = tmp_path / "run.json"
+    runtime.write_text(path, "old")
+    monkeypatch.setattr(Path, "write_text", enospc)
+    with pytest.raises(runtime.DataError, match=r"cannot write .*run.json: No space left on "
+                                                r"device \(.* free there\)"):
+        runtime.write_text(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_log_line_that_cannot_be_written_is_an_error_naming_the_log(tmp_path):
+    log = runtime.EpochLog(tmp_path / "log.jsonl", 0)
+    with log:
+        log.write({"epoch": 1})
+        log.file = SimpleNamespace(write=enospc, close=lambda: None)
+        with pytest.raises(runtime.DataError, match=r"cannot write .*log.jsonl"):
+            log.write({"epoch": 2})
+    assert (tmp_path / "log.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_an_image_cache_too_big_for_the_disk_is_refused_before_it_is_filled(tmp_path,
+                                                                            monkeypatch):
+    """A memory map over a sparse file would die with SIGBUS when the disk fills; the cache's file
+    is allocated first, and a failure is an error that leaves no file."""
+    from vkd import image_cache
+    from PIL import Image
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 40 * i).save(paths[-1])
+    monkeypatch.setattr(image_cache.os, "posix_fallocate", enospc, raising=False)
+    with pytest.raises(runtime.DataError, match=r"cannot write .*images-8.partial.npy"):
+        image_cache.cached_images(paths, 8, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "images-8.partial.npy").exists()
+
+
+# ---------------------------------------------------------------------------- one run per folder
+
+def hold_lock(out, holder="process 4242 on elsewhere"):
+    """The lock of a run in progress, held the way train.py holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write(holder)
+    handle.flush()
+    return handle
+
+
+def test_a_second_run_or_resume_of_a_folder_in_use_refuses_at_once(uninterrupted):
+    tmp, data_dir = uninterrupted
+    out = tmp / "in-use"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(runtime.DataError, match=r"in-use is in use by another run "
+                                                    r"\(process 4242 on elsewhere\)"):
+            train.train(train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(out)]))
+        assert sorted(path.name for path in out.iterdir()) == [".lock"]      # nothing written
+        with pytest.raises(runtime.DataError, match="in use by another run"):
+            train.train(train.get_args(["--out", str(tmp / "in-use"), "--resume"]))
+    finally:
+        holder.close()
+
+
+def test_a_lock_left_by_a_process_that_ended_does_not_block(uninterrupted):
+    tmp, data_dir = uninterrupted
+    out = tmp / "stale-lock"
+    out.mkdir()
+    (out / ".lock").write_text("process 4242 on a machine that rebooted")     # nobody holds it
+    args = train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(out), "--epochs", "1"])
+    assert train.train(args)["macro_auroc"] is not None
+    assert "process" in (out / ".lock").read_text()          # this run's, released at its end
+    holder = hold_lock(out)                                  # the lock is free again
+    holder.close()
+
+
+def test_a_second_train_py_on_a_folder_in_use_prints_an_error_not_a_traceback(uninterrupted):
+    tmp, data_dir = uninterrupted
+    out = tmp / "in-use-cli"
+    holder = hold_lock(out)
+    try:
+        process = run_train(TINY + ["--data-dir", str(data_dir), "--out", str(out)])
+        output = process.communicate(timeout=600)[0]
+    finally:
+        holder.close()
+    assert process.returncode == 1 and "Traceback" not in output
+    assert f"error: {out} is in use by another run (process 4242 on elsewhere)" in output

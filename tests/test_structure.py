@@ -1,7 +1,7 @@
-"""The shape of the code: the root shows the design card (the reading path, the study, one package of
-side modules, one folder of configs), imports run one way (no cycle), the reading path stays short
-enough to read in one sitting, no Python line is over 100 columns, and vkd/metrics.py needs
-nothing beyond numpy."""
+"""The shape of the code: the root shows the design card (the reading path, the study, one
+package of side modules, one folder of configs), imports run one way (no cycle), the reading path
+stays short enough to read in one sitting, no Python line is over 100 columns, and vkd/metrics.py
+needs nothing beyond numpy."""
 import ast
 import sys
 from pathlib import Path
@@ -140,7 +140,8 @@ def test_reading_path_functions_are_short(name):
 
 def test_function_lengths_count_decorators_and_nested_functions(tmp_path):
     path = tmp_path / "example.py"
-    path.write_text("@decorator\ndef outer():\n    def inner():\n        return 1\n    return inner\n")
+    path.write_text("@decorator\ndef outer():\n    def inner():\n        return 1\n"
+                    "    return inner\n")
     assert function_lengths(path) == {"outer": 5, "outer.inner": 2}
 
 

@@ -526,3 +526,30 @@ def test_cross_dataset_evaluation_without_shared_labels_says_so(mimic_run, tmp_p
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "the csv collection has none of these labels (['mass', 'tube'])" in result.stderr
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_own_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_reads_as_without(tmp_path, gz):
+    """Spreadsheet programs save "CSV UTF-8" with a byte-order mark before the first column."""
+    plain = data.prepare(data="csv", csv=str(own_csv(tmp_path / "plain")))
+    path = own_csv(tmp_path / "bom")
+    text = "\ufeff" + path.read_text(encoding="utf-8")
+    if gz:
+        path.unlink()
+        path = path.with_name("labels.csv.gz")
+        path.write_bytes(gzip.compress(text.encode("utf-8")))
+    else:
+        path.write_text(text, encoding="utf-8")
+    marked = data.prepare(data="csv", csv=str(path))
+    assert marked.label_names == plain.label_names == ["mass", "tube"]
+    assert np.array_equal(marked.labels, plain.labels)
+    assert marked.texts() == plain.texts()
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_own_csv_in_another_encoding_is_refused_naming_the_file(tmp_path, encoding):
+    path = own_csv(tmp_path)
+    path.write_bytes(path.read_text(encoding="utf-8").replace("Clear", "Cléar").encode(encoding))
+    with pytest.raises(data.DataError,
+                       match=rf"{path} is not UTF-8 text .*save the table as UTF-8"):
+        data.prepare(data="csv", csv=str(path))

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vkd.metrics import (METRICS, SUMMARY_KEYS, bootstrap_draws, interval, paired_difference, resampled,
-                     run_report)
+from vkd.metrics import (METRICS, SUMMARY_KEYS, bootstrap_draws, interval,
+                         paired_difference, resampled, run_report)
 from vkd.reports import LABELS, DataError
 
 class Evaluated(NamedTuple):

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vkd.openi import OPENI_URL
-from vkd.reports import DataError
+from vkd.reports import DataError, write_error
 
 OPENI_REPORTS_SIZE = 1_112_632
 OPENI_REPORTS_SHA256 = "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"
@@ -88,7 +88,10 @@ def _fetch_once(url, part, size):
                 total=start + expected if expected is not None else size,
                 initial=start, unit="B", unit_scale=True, unit_divisor=1024) as bar:
             while chunk := response.read(CHUNK):
-                file.write(chunk)
+                try:
+                    file.write(chunk)
+                except OSError as error:      # a full disk: the .part so far is kept, resumable
+                    raise write_error(part, error) from error
                 received += len(chunk)
                 bar.update(len(chunk))
     # urllib returns b"" on a cut, not an error
@@ -216,6 +219,8 @@ def safe_extract(archive_path, target):
         if isinstance(error, CORRUPT):
             raise DataError(f"{archive_path} is corrupt or truncated ({error!r}); "
                             f"delete it and download it again") from None
+        if isinstance(error, OSError):        # a full disk: nothing of the extraction is left
+            raise write_error(partial, error) from error
         raise
     os.replace(partial, target)
     return target

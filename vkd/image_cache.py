@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from vkd.reports import DataError
+from vkd.reports import DataError, write_error
 
 try:
     # file locks (POSIX); without them, two runs must not share a cache
@@ -88,8 +88,12 @@ def locked(lock_path):
 
 def write_json(path, value):
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    except OSError as error:          # a full disk: the last whole progress record stays
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, error) from error
 
 
 def cached_images(image_paths, size, cache_dir, workers=1):
@@ -136,6 +140,7 @@ def cached_images(image_paths, size, cache_dir, workers=1):
         else:
             check_free_space(cache_dir, np.prod(shape))
             array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=shape)
+            allocate(partial_path)
             start, bad = 0, {}
         jobs = [(path, size) for path in image_paths[start:]]
         pool = Pool(workers, initializer=init_worker) if workers > 1 and len(jobs) > 64 else None
@@ -162,6 +167,21 @@ def cached_images(image_paths, size, cache_dir, workers=1):
                                    "bytes": array_path.stat().st_size})
         progress_path.unlink()
     return complete()
+
+
+def allocate(path):
+    """Reserve the disk blocks of the memory-mapped file at `path` now: a memory map writes into a
+    sparse file, and a disk that fills up under it kills the process (SIGBUS) instead of raising.
+    A disk too full for it is a DataError naming the path and the free space; the file is
+    removed."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))
+    except OSError as error:
+        Path(path).unlink(missing_ok=True)
+        raise write_error(path, error) from error
 
 
 def check_free_space(folder, needed):

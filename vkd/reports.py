@@ -5,7 +5,9 @@ DataError, the exception that says what is wrong with the user's data, and label
 looked up by name. openi.py, tables.py, download.py, data.py and evaluate.py's side files import
 from here; this file imports nothing of the project, so that imports run one way.
 """
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 LABELS = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
@@ -46,3 +48,21 @@ def label_index(label_names, name):
         raise DataError(f"unknown label {name!r}; this checkpoint's labels: "
                         f"{', '.join(label_names)}")
     return lowered.index(name.lower())
+
+
+def write_error(path, error):
+    """The DataError of a write that failed (a full disk, a folder that is not writable): the
+    path, why, and the space that was free there."""
+    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    why = (why.strip().splitlines() or ["write failed"])[-1]
+    return DataError(f"cannot write {path}: {why} ({free_space(Path(path).parent)} free there); "
+                     f"what was saved before is kept: free some space and run the command again "
+                     f"(a training run: with --resume)")
+
+
+def free_space(folder):
+    """'1.2 GB' free on the disk of `folder`, or 'unknown'."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e9:.1f} GB"
+    except OSError:
+        return "an unknown amount"

@@ -16,14 +16,15 @@ record of the machine. A student can skip this file: train.py calls each of thes
     environment                              what a rerun needs to give the same numbers
 """
 import argparse
+import json
 import atexit
 import os
-import pickle
 import platform
 import signal
+import shutil
 import subprocess
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+try:
+    import fcntl                      # file locks (POSIX)
+except ImportError:
+    fcntl = None
+
 from model import describe
-from vkd.reports import DataError
+from vkd.reports import DataError, write_error
 
 
 # ------------------------------------------------------------------------------------- processes
@@ -110,11 +116,29 @@ def own_part(saved, rank, world_size):
 
 
 def save_checkpoint(path, checkpoint):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated
-    checkpoint."""
+    """Write to a temporary file, then rename: a crash or a full disk mid-write never leaves a
+    truncated checkpoint, and the one written before stays whole. torch.save reports a full disk
+    as a RuntimeError ("unexpected pos"), not as an OSError."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, error) from error
+
+
+def write_text(path, text):
+    """A whole text file (run.json, metrics.json, splits.json, the tokenizer), written as
+    save_checkpoint writes: a temporary file beside it, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, error) from error
 
 
 def resume_command(out, world_size):
@@ -124,15 +148,34 @@ def resume_command(out, world_size):
     return f"{launcher} train.py --out {out} --resume"
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "best_auroc", "config",
+                   "model_config", "split_sha256", "label_names", "rng")
+
+
 def read_checkpoint(path, device="cpu"):
     """The plain dict of a checkpoint written by train.py. torch.load(weights_only=True) unpickles
-    tensors, numbers, strings and containers only: a file that would run code (or is not a
-    checkpoint) is refused."""
+    tensors, numbers, strings and containers only: a file that would run code is refused, and so
+    is one that is empty, truncated, not a checkpoint, or a checkpoint of another program (a
+    DataError naming the file and what is wrong; the file is never touched)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path} does not exist")
+    if Path(path).stat().st_size == 0:
+        raise DataError(f"{path} was refused: the file is empty (a write that never finished?)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise DataError(f"{path} was refused: not a whole checkpoint of plain tensors and numbers "
-                        f"as train.py writes them ({str(error).splitlines()[0]})") from error
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:        # torch.load raises many kinds: pickle, zip, EOF, Runtime
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{path} was refused: not a whole checkpoint of plain tensors and "
+                        f"numbers as train.py writes them ({why})") from error
+    missing = [key for key in CHECKPOINT_KEYS
+               if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if not missing:                   # the two configs must be dicts of options
+        missing = [key for key in ("config", "model_config")
+                   if not isinstance(checkpoint[key], dict)]
+    if missing:
+        raise DataError(f"{path} was refused: not a checkpoint of this project's train.py "
+                        f"(missing: {', '.join(missing)})")
+    return checkpoint
 
 
 def resume_args(args):
@@ -151,15 +194,42 @@ def resume_args(args):
 
 
 def open_log(run):
-    """log.jsonl, process 0 only (the others get a context that does nothing); a resumed run keeps
-    the lines of the epochs its checkpoint has seen."""
-    if not run.main:
-        return nullcontext()
-    keep_epochs, path = run.start_epoch, run.out / "log.jsonl"
-    kept = path.read_text().splitlines()[:keep_epochs] if keep_epochs else []
-    log = open(path, "w")
-    log.writelines(line + "\n" for line in kept)
-    return log
+    """log.jsonl for process 0 (the others get a log that writes nothing); a resumed run keeps the
+    lines of the epochs its checkpoint has seen."""
+    return EpochLog(run.out / "log.jsonl", run.start_epoch, run.main)
+
+
+class EpochLog:
+    """log.jsonl: one JSON line per epoch, flushed as it is written. The lines kept on --resume
+    are rewritten atomically (write_text), so a full disk cannot lose them; a line that cannot be
+    appended is a DataError (write_error), and --resume later keeps only whole epochs."""
+
+    def __init__(self, path, keep_epochs, main=True):
+        self.path, self.file = path, None
+        if not main:
+            return
+        kept = path.read_text().splitlines()[:keep_epochs] if keep_epochs else []
+        write_text(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, record):
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise write_error(self.path, error) from error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass                      # the write that failed has raised already
 
 
 # --------------------------------------------------------------------------------- what is trained
@@ -191,10 +261,13 @@ def freeze_unreached(model, t, y, args):
 # ------------------------------------------------------------------------- interruption and failure
 
 class StopRequest:
-    """Ctrl-C (SIGINT) during training: the step in flight finishes, last.pt is written at that
-    exact step, and the run exits; a second Ctrl-C stops at once. One process checks its flag
-    between steps as a plain Python flag (no device sync). Under torchrun (which passes the Ctrl-C
-    on to every process) see `agreed`."""
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM and Kubernetes send before they stop a job) during
+    training: the step in flight finishes, last.pt is written at that exact step, and the run
+    exits with 128 + the signal's number (130, 143); a second signal stops at once. One process
+    checks its flag between steps as a plain Python value (no device sync). Under torchrun (which
+    passes the signal on to every process) see `agreed`."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, run):
         self.world_size, self.log_every, self.device = (run.world_size, run.args.log_every,
@@ -202,17 +275,27 @@ class StopRequest:
         self.signal_at = test_signal(run.rank, run.world_size)
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.signum = 0                       # the signal received; 0: none
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.signum = signum
+        self.restore()
         when = ("this step" if self.world_size == 1
                 else "up to --log-every steps (all processes stop together)")
-        tqdm.write(f"Ctrl-C: finishing {when}, then saving last.pt "
-                   f"(Ctrl-C again to quit without saving)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        tqdm.write(f"{name}: finishing {when}, then saving last.pt "
+                   f"({name} again to quit without saving)")
+
+    def restore(self):
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
+
+    def interrupt(self):
+        """The exception that ends the run after last.pt is saved: a KeyboardInterrupt holding
+        the signal's number, which train.main turns into the exit status."""
+        return KeyboardInterrupt(self.signum)
 
     def agreed(self, steps_done, steps_per_epoch, step):
         """Whether every process stops after this step (`steps_done` of this epoch, global `step`).
@@ -225,16 +308,54 @@ class StopRequest:
             # the handler runs before this returns
             signal.raise_signal(self.signal_at[1])
         if self.world_size == 1:
-            return self.requested
+            return self.signum > 0
         if steps_done != steps_per_epoch and not (self.log_every
                                                   and steps_done % self.log_every == 0):
             return False
-        flag = torch.tensor(float(self.requested), device=self.device)
+        # the largest signal number over the processes: each then exits with the same status
+        flag = torch.tensor(float(self.signum), device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        self.signum = int(flag.item())
+        return self.signum > 0
 
     def __exit__(self, *exception):
-        signal.signal(signal.SIGINT, self.previous)
+        self.restore()
+
+
+class FolderLock:
+    """One run per folder: process 0 holds an exclusive lock on <out>/.lock (fcntl.flock) while the
+    run trains, so that a second run or a resume of the same --out (a job submitted twice, a
+    second terminal) refuses at once, naming the process that holds it. The operating system
+    drops the lock when its process ends, however it ends: a lock left by a killed run or a
+    rebooted machine never blocks. Without fcntl (Windows) there is no lock."""
+
+    def __init__(self, out):
+        self.path, self.handle = Path(out) / ".lock", None
+        main = int(os.environ.get("RANK", "0")) == 0             # under torchrun: process 0
+        self.main = main and fcntl is not None
+
+    def __enter__(self):
+        if not self.main:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise DataError(f"{self.path.parent} is in use by another run ({holder}); wait for it "
+                            f"to end, or give this run another --out") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"process {os.getpid()} on {platform.node()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exception):
+        if self.handle is not None:
+            self.handle.close()               # closing the file releases the lock
 
 
 def test_signal(rank, world_size):
@@ -373,8 +494,12 @@ def restore(run, checkpoint):
     parameters the method never trains are frozen (-> their names) and the model is wrapped for the
     step: compiled (--compile), in DistributedDataParallel (torchrun)."""
     if checkpoint is not None:
-        run.model.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            run.model.load_state_dict(checkpoint["model"])
+            run.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:   # another version's model
+            raise DataError(f"{run.out}/last.pt does not fit this model.py and its options "
+                            f"({str(error).splitlines()[0][:200]})") from error
         run.scaler.load_state_dict(checkpoint["scaler"])
         run.start_epoch, run.step = checkpoint["epoch"] + 1, checkpoint["step"]
         run.best_auroc, run.saved_epoch = checkpoint["best_auroc"], checkpoint["epoch"]

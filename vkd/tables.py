@@ -48,13 +48,42 @@ def label_value(text, policy, where):
 
 
 def open_table(folder, name):
-    """Rows of `name` or `name.gz` in `folder` as dicts (csv.DictReader), and the path that was
-    opened."""
+    """Rows of `name` or `name.gz` in `folder` as dicts (Rows), and the path that was opened."""
     for path in (Path(folder) / name, Path(folder) / f"{name}.gz"):
         if path.exists():
             raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-            return csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline="")), path
+            # utf-8-sig: the byte-order mark that spreadsheet programs write ("CSV UTF-8") is
+            # skipped; without one it reads plain UTF-8
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            return Rows(csv.DictReader(text), path), path
     raise DataError(f"{Path(folder) / name}(.gz) not found")
+
+
+class Rows:
+    """A csv.DictReader whose file turns out not to be UTF-8 (e.g. saved as Latin-1 or UTF-16):
+    a DataError naming the file and line, and saying to save it as UTF-8, instead of a
+    UnicodeDecodeError."""
+
+    def __init__(self, reader, path):
+        self.reader, self.path = reader, path
+
+    def error(self, error):
+        bad = error.object[error.start:error.start + 1]
+        return DataError(f"{self.path} is not UTF-8 text (a byte {bad!r}: {error.reason}); "
+                         f"save the table as UTF-8 (in a spreadsheet program: CSV UTF-8)")
+
+    @property
+    def fieldnames(self):
+        try:
+            return self.reader.fieldnames
+        except UnicodeDecodeError as error:
+            raise self.error(error) from None
+
+    def __iter__(self):
+        try:
+            yield from self.reader
+        except UnicodeDecodeError as error:
+            raise self.error(error) from None
 
 
 def require_columns(rows, path, columns):
