@@ -28,6 +28,7 @@ from vkd.reports import LABELS, DataError
 from vkd.runtime import write_text
 from vkd.summary import JSON_SUMMARY_KEYS, count_used, drop_undecodable, print_summary
 from vkd.tables import read_csv, read_mimic
+from vkd.text_tuning import UNK
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -246,17 +247,41 @@ def load_tokenizer(path):
 
 
 def encode_texts(tokenizer, texts, max_len):
-    """(N, max_len) int64 token ids, truncated and right-padded with [PAD] = 0."""
+    """(N, max_len) int64 token ids, truncated and right-padded with [PAD] = 0. An empty text
+    (--report-control blank) is one [UNK]: attention needs a token to attend to."""
     tokens = np.zeros((len(texts), max_len), dtype=np.int64)
     for i, encoding in enumerate(tokenizer.encode_batch(texts)):
-        ids = encoding.ids[:max_len]
+        ids = encoding.ids[:max_len] or [UNK]
         tokens[i, :len(ids)] = ids
     return tokens
 
 
-def sample_tokens(collection, tokenizer, max_len):
-    """(N, max_len) token ids of each sample's report (each report is tokenised once)."""
-    return encode_texts(tokenizer, collection.texts(), max_len)[collection.report_index]
+def sample_tokens(collection, tokenizer, max_len, control="none", seed=0):
+    """(N, max_len) token ids of each sample's report (each report is tokenised once), the
+    training reports' texts under --report-control `control` (controlled_texts)."""
+    texts = controlled_texts(collection, control, seed)
+    return encode_texts(tokenizer, texts, max_len)[collection.report_index]
+
+
+def controlled_texts(collection, control="none", seed=0):
+    """The reports' texts; with a control, the training reports' only: `shuffled` gives each the
+    text of another training report (a seeded cycle through a permutation of them: nobody keeps
+    its own; the same for every method and training seed), `blank` an empty text. Under shuffled
+    a teacher keeps the statistics of real reports and loses their information; under blank it
+    loses both. Validation and test reports keep theirs."""
+    texts = collection.texts()
+    if control == "none":
+        return texts
+    train = np.unique(collection.report_index[collection.splits["train"]])   # report indices
+    if control == "blank":
+        for i in train:
+            texts[i] = ""
+        return texts
+    cycle = train[np.random.default_rng([seed, 2]).permutation(len(train))]
+    originals = {i: texts[i] for i in train}
+    for i, j in zip(cycle, np.roll(cycle, -1)):          # report i reads report j's text
+        texts[i] = originals[j]
+    return texts
 
 
 # ------------------------------------------------------------------------------------ a run's data

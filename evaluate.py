@@ -21,7 +21,7 @@ import torch
 
 import data
 from vkd.metrics import bootstrap_draws, resampled, run_report
-from model import VKD, VKDConfig
+from model import PRIOR_MEAN_ONLY, VKD, VKDConfig
 from vkd import analysis
 from vkd.compare import Evaluated, cell, compare_runs, format_comparison
 from vkd.options import build_evaluate_parser
@@ -45,10 +45,11 @@ def load_checkpoint(path, device="cpu"):
 
 
 def prior_samples(method, num_samples):
-    """Prior samples to average for a model of `method`. The `image` baseline's loss reads mu_p
-    only, so its logvar_p never leaves its random start: sampling it would add noise of an arbitrary
-    size and handicap the baseline in a sampled comparison. It is always evaluated at its mean."""
-    return 0 if method == "image" else num_samples
+    """Prior samples to average for a model of `method`. The loss of `image` (and of distill and
+    contrastive) reads mu_p only, so its logvar_p never leaves its random start: sampling it would
+    add noise of an arbitrary size and handicap the method in a sampled comparison. It is always
+    evaluated at its mean."""
+    return 0 if method in PRIOR_MEAN_ONLY else num_samples
 
 
 def prediction_name(method, num_samples):
@@ -58,8 +59,8 @@ def prediction_name(method, num_samples):
     if prior_samples(method, num_samples):
         return f"mean over {num_samples} prior samples"
     if num_samples:
-        return (f"prior mean f(mu_p(x)) (--samples {num_samples} not used: the image baseline "
-                f"never trains logvar_p)")
+        return (f"prior mean f(mu_p(x)) (--samples {num_samples} not used: {method} never "
+                f"trains logvar_p)")
     return "prior mean f(mu_p(x))"
 
 

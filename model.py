@@ -8,10 +8,12 @@ Notation (van Sonsbeek et al., IPMI 2021): x image, t report text, y the 14 labe
 
     ELBO:  log p(y | x) >= E_q(z|x,t)[log p(y | z)] - beta * KL(q(z|x,t) || p(z|x))      (eq. 1)
 
-Three methods share this code: `vkd` (eq. 1 plus a BCE on prior samples), `image` (a BCE on
-f(mu_p(x)) only: the baseline VKD must beat) and `text` (a BCE on posterior samples only: an upper
-bound that reads the report). The authors' code made other choices; each is a switch of VKDConfig,
-off by default (the last four fields).
+Five methods share this code: `vkd` (eq. 1 plus a BCE on prior samples), `image` (a BCE on
+f(mu_p(x)) only: the baseline VKD must beat), `text` (a BCE on posterior samples only: an upper
+bound that reads the report), and two other ways to use a report that exists only in training,
+with the image path of `image`: `distill` (a `text` teacher's predictions as soft targets) and
+`contrastive` (image features aligned with report features). The authors' code made other choices;
+each is a switch of VKDConfig, off by default (its last four fields).
 """
 from dataclasses import dataclass
 
@@ -22,7 +24,14 @@ import torch.nn.functional as F
 from vkd.backbones import TorchvisionEncoder
 from vkd.text_tuning import PAD, AttentionPooling, ReportTuning
 
-METHODS = ("vkd", "image", "text")
+METHODS = ("vkd", "image", "text", "distill", "contrastive")
+# the loss parts each method logs, in the order of log.jsonl
+LOSS_PARTS = {"vkd": ("loss", "bce_posterior", "bce_prior", "kl"),
+              "distill": ("loss", "bce_prior", "distill"),
+              "contrastive": ("loss", "bce_prior", "contrastive")}
+LOSS_PARTS["image"] = LOSS_PARTS["text"] = LOSS_PARTS["vkd"]
+# methods whose loss reads the prior mean mu_p(x) only: their logvar_p is never trained
+PRIOR_MEAN_ONLY = ("image", "distill", "contrastive")
 
 
 @dataclass
@@ -45,6 +54,17 @@ class VKDConfig:
     sentence_attention: bool = False  # a token attends only to the tokens of its own sentence
     sentence_end: int = -1          # the token id that ends a sentence, "." (from the tokenizer)
     method: str = "vkd"
+    # distill: alpha, the weight of the teacher's soft targets, and T, their temperature. 0.5: the
+    # labels and the teacher count equally; 2 softens the teacher's near-certain probabilities
+    # (Hinton et al. 2015 use 1-20) so that its ranking of the less likely labels shows.
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    # contrastive: gamma, the weight of the InfoNCE, and its temperature (ConVIRT's 0.1). 1: at
+    # the start the BCE summed over 14 labels (14 ln 2 = 9.7) and the InfoNCE (ln B = 4.2 at a
+    # batch of 64) are of one size.
+    contrastive_weight: float = 1.0
+    contrastive_temperature: float = 0.1
+    projection_dim: int = 64            # the shared space of image and report features
     # the authors' choices, with train.py's flag for each (study.py measures them):
     posterior_reads_image: bool = True    # q(z | x, t); False: q(z | t)  (--posterior-input report)
     # f(z); True: f([z; h_x])       (--classifier-input z+image)
@@ -169,20 +189,6 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
     return 0.5 * (logvar_p - logvar_q + ratio - 1).sum(-1)
 
 
-def positive_weights(y, mode="sqrt"):
-    """(K,) weight of a positive label in the BCE, from the training labels y (N, K) (NaN = not
-    observed): sqrt(negatives / positives) per label ("sqrt"), or 1 ("none"). Why: a label with 1%
-    positives otherwise gets nearly all of its gradient from negatives; the square root softens the
-    full ratio, which overshoots."""
-    y = torch.as_tensor(y, dtype=torch.float32)
-    if mode == "none":
-        return torch.ones(y.shape[1])
-    assert mode == "sqrt", f"pos_weight: sqrt or none, not {mode!r}"
-    positives = torch.nansum(y, 0)
-    negatives = (~torch.isnan(y)).sum(0) - positives
-    return (negatives / positives.clamp(min=1)).clamp(min=1).sqrt()
-
-
 def bce(logits, y, pos_weight=None):
     """-log p(y | z) summed over labels, averaged over samples and batch; logits (S, B, K), (B, K).
     pos_weight (K,): the weight of a positive label's term (positive_weights), 1 by default. A NaN
@@ -215,6 +221,10 @@ class VKD(nn.Module):
         self.posterior = GaussianHead(posterior_dim, cfg.latent_dim) if reads_report else None
         classifier_dim = cfg.latent_dim + (image_dim if cfg.classifier_reads_image else 0)
         self.classifier = nn.Linear(classifier_dim, cfg.num_labels)         # f(z) or f([z; h_x])
+        if cfg.method == "contrastive":   # built last: the image path starts as `image`'s does
+            self.text_encoder = TextEncoder(cfg)
+            self.image_projection = nn.Linear(image_dim, cfg.projection_dim)
+            self.text_projection = nn.Linear(cfg.text_dim, cfg.projection_dim)
         # a training choice (positive_weights), not a weight of the model: not in the state_dict
         ones = torch.ones(cfg.num_labels)
         weight = ones if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
@@ -252,8 +262,9 @@ class VKD(nn.Module):
         return kl.mean()
 
     def forward(self, x, t, y, beta=1.0, prior_weight=1.0, num_samples=1):
-        """Loss parts for one batch. x (B, 1, H, W) float, t (B, T) token ids, y (B, K) in {0, 1} or
-        NaN (not observed); beta a float or a 0-dim tensor.
+        """Loss parts for one batch. x (B, 1, H, W) float, t (B, T) token ids (for distill: the
+        teacher's logits s (B, K) on these images), y (B, K) in {0, 1} or NaN (not observed); beta a
+        float or a 0-dim tensor.
 
         vkd:   loss = BCE(f(z_q)) + prior_weight * BCE(f(z_p)) + beta * KL(q || p),
                z_q ~ q(z|x,t), z_p ~ p(z|x). The first and last terms are the negative ELBO (eq. 1);
@@ -261,14 +272,22 @@ class VKD(nn.Module):
                ever sees posterior samples).
         image: loss = BCE(f(mu_p(x)))
         text:  loss = BCE(f(z_q)),  z_q ~ q(z|x,t)
-        Every BCE weighs a positive label's term by self.pos_weight (1 by default).
+        distill, contrastive: BCE(f(mu_p(x))) and a term of their own (distill_loss,
+        contrastive_loss).
+        Every BCE on the labels weighs a positive label's term by self.pos_weight (1 by default).
         """
         method = self.cfg.method
         h_x, mu_p, logvar_p = self.encode_prior(x)
         zero = torch.zeros((), device=x.device)
+        if method in ("image", "distill", "contrastive"):         # the path that is tested
+            logits = self.classify(mu_p, h_x)                         # f(mu_p(x)): (B, K)
+            bce_prior = bce(logits, y, self.pos_weight)
         if method == "image":
-            bce_prior = bce(self.classify(mu_p, h_x), y, self.pos_weight)
             return {"loss": bce_prior, "bce_posterior": zero, "bce_prior": bce_prior, "kl": zero}
+        if method == "distill":
+            return self.distill_loss(logits, bce_prior, t)
+        if method == "contrastive":
+            return self.contrastive_loss(h_x, t, bce_prior)
         mu_q, logvar_q = self.encode_posterior(h_x, t)
         z_q = self.sample(mu_q, logvar_q, num_samples)                          # (L, B, D)
         bce_posterior = bce(self.classify(z_q, h_x), y, self.pos_weight)
@@ -280,6 +299,38 @@ class VKD(nn.Module):
         kl = self.kl(mu_q, logvar_q, mu_p, logvar_p)
         loss = bce_posterior + prior_weight * bce_prior + beta * kl
         return {"loss": loss, "bce_posterior": bce_posterior, "bce_prior": bce_prior, "kl": kl}
+
+    def distill_loss(self, logits, bce_prior, s):
+        """Generalized distillation (Hinton et al. 2015; Lopez-Paz et al., ICLR 2016): the labels
+        and the soft predictions of a `text` teacher that read the report, s = its logits:
+
+            loss = (1 - alpha) BCE(f(mu_p(x)), y) + alpha T^2 BCE(sigmoid(f / T), sigmoid(s / T))
+
+        T^2 keeps the soft term's gradients of the same size whatever T (Hinton et al.)."""
+        alpha, T = self.cfg.distill_alpha, self.cfg.distill_temperature
+        soft = bce(logits / T, torch.sigmoid(s.float() / T))        # soft targets in (0, 1)
+        loss = (1 - alpha) * bce_prior + alpha * T ** 2 * soft
+        return {"loss": loss, "bce_prior": bce_prior, "distill": soft}
+
+    def contrastive_loss(self, h_x, t, bce_prior):
+        """The BCE plus gamma times the symmetric InfoNCE between the batch's projected image and
+        report features (ConVIRT, Zhang et al. 2022, in one stage): image i and report i are a
+        pair, every other report of the batch a negative, and the same for each report:
+
+            InfoNCE = 1/2 [CE(softmax_j(a_i . b_j / tau), i) + CE(softmax_j(b_i . a_j / tau), i)]
+
+        Images of one report (the same tokens) are not negatives of each other. Under torchrun
+        the negatives are those of each process's batch."""
+        a = F.normalize(self.image_projection(h_x).float(), dim=-1)                 # (B, P)
+        b = F.normalize(self.text_projection(self.text_encoder(t)).float(), dim=-1)  # (B, P)
+        similarity = a @ b.T / self.cfg.contrastive_temperature                     # (B, B)
+        same_report = (t[:, None, :] == t[None, :, :]).all(-1)                      # (B, B)
+        same_report &= ~torch.eye(len(t), dtype=torch.bool, device=t.device)
+        similarity = similarity.masked_fill(same_report, float("-inf"))
+        pair = torch.arange(len(t), device=t.device)
+        nce = 0.5 * (F.cross_entropy(similarity, pair) + F.cross_entropy(similarity.T, pair))
+        loss = bce_prior + self.cfg.contrastive_weight * nce
+        return {"loss": loss, "bce_prior": bce_prior, "contrastive": nce}
 
     @torch.no_grad()
     def predict(self, x, num_samples=0):
@@ -304,15 +355,3 @@ class VKD(nn.Module):
         h_x, _, _ = self.encode_prior(x)
         mu_q, _ = self.encode_posterior(h_x, t)
         return torch.sigmoid(self.classify(mu_q, h_x).float())
-
-
-def describe(model):
-    """'image encoder 0.39M, text encoder 0.10M, total 0.53M'."""
-    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
-    counts = [f"{name} {count_parameters(m) / 1e6:.2f}M"
-              for name, m in parts.items() if m is not None]
-    return ", ".join(counts + [f"total {count_parameters(model) / 1e6:.2f}M"])
-
-
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())

@@ -29,10 +29,8 @@ import evaluate
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
 from vkd.metrics import auroc_summary
-from model import VKD, describe, positive_weights
-from vkd import batching, options, recipe, runtime
-
-LOSS_PARTS = ("loss", "bce_posterior", "bce_prior", "kl")
+from model import LOSS_PARTS, VKD
+from vkd import batching, options, recipe, runtime, teachers
 
 # ----------------------------------------------------------------------------------------- options
 
@@ -124,6 +122,9 @@ def setup(args, start_time):
         args.pixel_mean, args.pixel_std = batching.pixel_statistics(cache, train_idx)
     images, tokens, labels, lengths, weights = batching.on_device(collection, tokenizer, cache,
                                                                   args, device, rank == 0)
+    if args.method == "distill":          # the teacher's logits (N, K) take the reports' place
+        tokens = teachers.teacher_logits(args.teacher, collection, cache, split_sha256,
+                                         args.image_size, device)
     runtime.check_labels(collection, args.allow_missing_labels, rank == 0)
     steps_per_epoch = len(train_idx) // args.batch_size                # drop_last
     if steps_per_epoch == 0:
@@ -131,7 +132,7 @@ def setup(args, start_time):
                              f"{args.batch_size}; lower it")
     model_config = options.model_config(args, len(collection.label_names),
                                         tokenizer.get_vocab_size(), tokenizer.token_to_id("."))
-    pos_weight = positive_weights(collection.labels[train_idx], args.pos_weight)
+    pos_weight = batching.positive_weights(collection.labels[train_idx], args.pos_weight)
     model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp,
                                                             steps_per_epoch, pos_weight)
     # Run's fields in order; `forward` is the plain model until restore() wraps it
@@ -140,7 +141,7 @@ def setup(args, start_time):
               autocast, betas, steps_per_epoch, start_time)
     untrained = runtime.restore(run, checkpoint)     # state, frozen parameters, compile, DDP
     run.record = {"config": vars(args), "environment": runtime.environment(device),
-                  "model": describe(model), "split_sha256": split_sha256,
+                  "model": runtime.describe(model), "split_sha256": split_sha256,
                   "data": collection.summary, "amp": amp, "world_size": world_size,
                   "preloaded": torch.is_tensor(images), "untrained_parameters": untrained}
     return run, checkpoint
@@ -212,7 +213,8 @@ def train_epoch(run, epoch, stop, interrupted=None):
         for group in run.optimizer.param_groups:     # the schedule, last: the next step's rate
             group["lr"] = lr_at(run.step, total_steps, args.lr, args.warmup_steps)
         finite = parts["loss"].isfinite() & parts["grad_norm"].isfinite()
-        sums += torch.stack([parts[k].detach().float() for k in LOSS_PARTS] + [~finite])
+        sums += torch.stack([parts[k].detach().float() for k in LOSS_PARTS[args.method]]
+                            + [~finite])
         runtime.time_first_step(run, epoch_start)    # once per run: a host sync
         if args.log_every and (i + 1) % args.log_every == 0:        # a host sync every N steps
             bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
@@ -227,8 +229,8 @@ def end_epoch(run, epoch, sums, epoch_start, log):
     validate, log one line, save last.pt, and best.pt when validation improved."""
     args, steps = run.args, run.steps_per_epoch * run.world_size
     sums = runtime.sum_over_processes(sums, run.world_size)
-    loss, bce_posterior, bce_prior, kl = (sums[:4] / steps).tolist()
-    bad_steps = int(sums[4].item())
+    means = (sums[:-1] / steps).tolist()               # the method's loss parts (LOSS_PARTS)
+    bad_steps = int(sums[-1].item())
     runtime.check_finite(bad_steps, steps, epoch, run.amp, run.out, run.saved_epoch)
     train_time = time.time() - epoch_start
     rng = runtime.all_rng_states(run)               # every process's, for an exact resume
@@ -238,8 +240,8 @@ def end_epoch(run, epoch, sums, epoch_start, log):
         return
     val_auroc = validate(run)
     beta = run.betas[run.step - 1].item() if args.method == "vkd" else None   # no KL otherwise
-    record = {"epoch": epoch + 1, "step": run.step, "loss": loss, "bce_posterior": bce_posterior,
-              "bce_prior": bce_prior, "kl": kl, "beta": beta, "lr": lr,
+    parts = dict(zip(LOSS_PARTS[args.method], means))
+    record = {"epoch": epoch + 1, "step": run.step, **parts, "beta": beta, "lr": lr,
               "val_macro_auroc": val_auroc,
               "images_per_s": run.steps_per_epoch * args.batch_size / train_time,
               "epoch_s": time.time() - epoch_start, "nonfinite_steps": bad_steps}

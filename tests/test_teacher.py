@@ -12,10 +12,11 @@ import torch.nn.functional as F
 import data
 import train
 from config.collections import COLLECTIONS
-from vkd.metrics import auroc_summary
-from model import VKD, TextEncoder, VKDConfig, bce, positive_weights
+from model import VKD, TextEncoder, VKDConfig, bce
 from vkd import batching, options
+from vkd.batching import positive_weights
 from vkd.bow import fit_bag_of_words, token_presence
+from vkd.metrics import auroc_summary
 
 SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2,
              text_layers=1)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 import data
+from model import PRIOR_MEAN_ONLY
 from vkd.bow import fit_bag_of_words
 from vkd.calibration import (calibration_report, fit_temperature, format_analysis,
                              operating_points_report, rejection_curve)
@@ -133,7 +134,7 @@ def predict_files(model, checkpoint, paths, device, num_samples=0, uncertainty_s
     x = data.normalise(torch.from_numpy(images).to(device), config["pixel_mean"],
                        config["pixel_std"])
     p, _ = model.predict(x, num_samples)
-    if checkpoint["model_config"]["method"] == "image":
+    if checkpoint["model_config"]["method"] in PRIOR_MEAN_ONLY:
         return images, p.cpu().numpy(), None, None
     mean, std = model.predict(x, uncertainty_samples)
     return images, p.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
@@ -169,7 +170,7 @@ def single_images(args, model, checkpoint, num_samples):
         for name in label_names:
             entry = probabilities[name]
             spread = (f"{entry['mean']:.3f} ± {entry['std']:.3f}" if entry["std"] is not None
-                      else "n/a (the image baseline's prior variance is never trained)")
+                      else "n/a (this method's prior variance is never trained)")
             print(f"{name:28s} {entry['p']:6.3f}   {spread}")
         if "cam" in probabilities:
             print(f"Grad-CAM for {label_names[k]}: {probabilities['cam']}")

@@ -77,7 +77,9 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
     with --oversample how often each training image is drawn (draw_weights), else None. Warns when
     reports are cut."""
     images = place_images(cache, device, args.preload)
-    tokens = torch.from_numpy(data.sample_tokens(collection, tokenizer, args.max_len))
+    tokens = data.sample_tokens(collection, tokenizer, args.max_len, args.report_control,
+                                args.split_seed)
+    tokens = torch.from_numpy(tokens)
     lengths = report_lengths(tokens, args)
     oversample = getattr(args, "oversample", False)              # a config without the option: off
     weights = draw_weights(collection.labels, collection.splits["train"]) if oversample else None
@@ -88,6 +90,20 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; "
               f"consider a larger one")
     return images, tokens, labels, lengths, weights
+
+
+def positive_weights(y, mode="sqrt"):
+    """(K,) weight of a positive label in the BCE, from the training labels y (N, K) (NaN = not
+    observed): sqrt(negatives / positives) per label ("sqrt"), or 1 ("none"). Why: a label with 1%
+    positives otherwise gets nearly all of its gradient from negatives; the square root softens the
+    full ratio, which overshoots."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    if mode == "none":
+        return torch.ones(y.shape[1])
+    assert mode == "sqrt", f"pos_weight: sqrt or none, not {mode!r}"
+    positives = torch.nansum(y, 0)
+    negatives = (~torch.isnan(y)).sum(0) - positives
+    return (negatives / positives.clamp(min=1)).clamp(min=1).sqrt()
 
 
 def draw_weights(labels, train_idx):
@@ -101,7 +117,7 @@ def draw_weights(labels, train_idx):
 
     Why: a label with 19 positive training reports (OpenI, two images each) otherwise shows the
     report encoder its wording 38 times an epoch; the BCE's positive weights
-    (model.positive_weights) scale the loss of those few examples but do not show the encoder more
+    (positive_weights) scale the loss of those few examples but do not show the encoder more
     of them. With --group-by-length, the copies of an image (one report, so one length) often share
     a batch: more weight on that report in one step rather than the report in more steps."""
     # (N, K) of 0/1: not observed counts as 0

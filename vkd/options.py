@@ -29,8 +29,9 @@ def build_parser(presets, description=None):
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument_group("method").add_argument
     add("--method", default="vkd", choices=[*METHODS, "all"],
-        help="vkd, image (baseline), text (upper bound), or all: the three on one split, then "
-             "compared (default: vkd)")
+        help="vkd, image (baseline), text (upper bound), distill (from a text teacher, "
+             "--teacher), contrastive (image and report features aligned), or all: the five on "
+             "one split, the teacher first, then compared (default: vkd)")
     add("--beta", type=float, default=0.1,
         help="weight of KL(q || p) after annealing (default: 0.1)")
     add("--beta-warmup-epochs", type=float, default=3,
@@ -42,6 +43,23 @@ def build_parser(presets, description=None):
     add("--beta-cycle-epochs", type=float, default=0,
         help="restart the beta ramp every this many epochs, a cyclical schedule (the authors'); "
              "0 = one ramp (default: 0)")
+    add("--report-control", default="none", choices=["none", "shuffled", "blank"],
+        help="controls, training only (validation and test untouched): shuffled = every training "
+             "report gets the text of another training report (one seeded permutation, the same "
+             "for every method and seed); blank = an empty text (default: none)")
+    add = parser.add_argument_group("the other ways to use the report (model.py)").add_argument
+    add("--teacher", default=None,
+        help="--method distill: the best.pt of a text run on the same split (default: none)")
+    add("--distill-alpha", type=float, default=MODEL.distill_alpha,
+        help=f"distill: weight of the teacher's soft targets; 0 = the image baseline "
+             f"(default: {MODEL.distill_alpha})")
+    add("--distill-temperature", type=float, default=MODEL.distill_temperature,
+        help=f"distill: T, the temperature of both sigmoids (default: {MODEL.distill_temperature})")
+    add("--contrastive-weight", type=float, default=MODEL.contrastive_weight,
+        help=f"contrastive: gamma, the weight of the InfoNCE; 0 = the image baseline "
+             f"(default: {MODEL.contrastive_weight})")
+    add("--contrastive-temperature", type=float, default=MODEL.contrastive_temperature,
+        help=f"contrastive: tau of the InfoNCE (default: {MODEL.contrastive_temperature})")
     add = parser.add_argument_group("the authors' design choices "
                                     "(model.py; all on: --preset authors)").add_argument
     add("--posterior-input", default="image+report", choices=["image+report", "report"],
@@ -152,10 +170,11 @@ def build_parser(presets, description=None):
 
 
 def for_method(args, **changes):
-    """args with `changes`. `--method image` reads no report: the report options that would change
-    nothing but its batches are turned off for it, so that its saved config says what ran."""
+    """args with `changes`. `--method image` and `distill` read no report: the report options that
+    would change nothing but their batches are turned off, so that the saved config says what
+    ran."""
     args = argparse.Namespace(**vars(args) | changes)
-    if args.method == "image":
+    if args.method in ("image", "distill"):
         args.group_by_length = args.sentence_shuffle = args.sentence_attention = False
     return args
 
@@ -188,7 +207,11 @@ def model_config(args, num_labels, vocab_size, sentence_end=-1):
                      sentence_end=-1 if sentence_end is None else sentence_end,
                      posterior_reads_image=args.posterior_input == "image+report",
                      classifier_reads_image=args.classifier_input == "z+image",
-                     kl_direction=args.kl_direction, average_samples=args.average_samples)
+                     kl_direction=args.kl_direction, average_samples=args.average_samples,
+                     distill_alpha=args.distill_alpha,
+                     distill_temperature=args.distill_temperature,
+                     contrastive_weight=args.contrastive_weight,
+                     contrastive_temperature=args.contrastive_temperature)
 
 
 def add_data_args(parser, inherit=False):

@@ -14,6 +14,9 @@ from vkd.options import collection_name, for_method, run_name
 from vkd.reports import DataError
 from vkd.runtime import write_text
 
+# image first (every difference reads "method - image"), and text before distill, its student
+METHODS_OF_ALL = ("image", "vkd", "text", "distill", "contrastive")
+
 
 def run_recipe(args, train):
     """--method all and/or --seeds: train each method for each seed on the same split
@@ -26,7 +29,7 @@ def run_recipe(args, train):
     if args.resume:
         raise DataError("--resume continues one run: pass its --out and --method instead of "
                         "--method all/--seeds")
-    methods = ("image", "vkd", "text") if args.method == "all" else (args.method,)
+    methods = METHODS_OF_ALL if args.method == "all" else (args.method,)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
     root = Path(args.out or "runs")
     checkpoints, other_process = [], int(os.environ.get("RANK", "0")) > 0
@@ -35,7 +38,10 @@ def run_recipe(args, train):
             out = root / run_name(args, method, seed)
             if not other_process:
                 print(f"\n=== {method}, seed {seed} -> {out}")
-            metrics = train(for_method(args, method=method, seed=seed, out=str(out)))
+            # distill's teacher: this seed's text run, trained just before it
+            teacher = str(root / run_name(args, "text", seed) / "best.pt")
+            changes = {"teacher": teacher} if method == "distill" and args.method == "all" else {}
+            metrics = train(for_method(args, method=method, seed=seed, out=str(out), **changes))
             if metrics is None and not other_process:
                 return None                               # stopped early (--stop-after)
             checkpoints.append(out / "best.pt")

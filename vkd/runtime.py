@@ -38,7 +38,7 @@ try:
 except ImportError:
     fcntl = None
 
-from model import describe
+from model import LOSS_PARTS
 from vkd.reports import DataError, write_error
 
 
@@ -515,8 +515,8 @@ def restore(run, checkpoint):
 def epoch_progress(run, interrupted):
     """Where an epoch starts: (steps done, loss sums (5,) on the device, the augmentation
     generator's state), from a checkpoint written part-way through it, else (0, zeros, None)."""
-    if interrupted is None:
-        return 0, torch.zeros(5, device=run.device), None
+    if interrupted is None:                   # the method's loss parts and the non-finite steps
+        return 0, torch.zeros(len(LOSS_PARTS[run.args.method]) + 1, device=run.device), None
     sums = own_part(interrupted["sums"], run.rank, run.world_size).to(run.device)
     return interrupted["steps_done"], sums, interrupted["augment_rng"]
 
@@ -575,11 +575,16 @@ def usage(collection):
             f"{len(collection.splits['val'])} val images")
 
 
+SHORT = {"bce_posterior": "bce_q", "bce_prior": "bce_p", "kl": "kl", "distill": "distill",
+         "contrastive": "nce"}                   # the loss parts' names in the log line
+
+
 def epoch_line(record, run, epoch):
     """The one log line of an epoch (and, after the first epoch with --compile, its first step)."""
     r, beta = record, record["beta"]
-    line = (f"epoch {r['epoch']:3d} step {r['step']:6d} | loss {r['loss']:7.3f} "
-            f"(bce_q {r['bce_posterior']:.3f} bce_p {r['bce_prior']:.3f} kl {r['kl']:7.3f}) | "
+    parts = " ".join(f"{SHORT[name]} {r[name]:{'7.3f' if name == 'kl' else '.3f'}}"
+                     for name in LOSS_PARTS[run.args.method][1:])
+    line = (f"epoch {r['epoch']:3d} step {r['step']:6d} | loss {r['loss']:7.3f} ({parts}) | "
             f"beta {'-' if beta is None else f'{beta:.3f}'} | lr {r['lr']:.2e} | "
             f"val macro AUROC {r['val_macro_auroc']:.4f} | {r['images_per_s']:.0f} img/s | "
             f"{r['epoch_s']:.1f}s")
@@ -587,3 +592,15 @@ def epoch_line(record, run, epoch):
         line += (f"\ntorch.compile: the first step took {run.record['first_step_s']:.1f}s, "
                  f"compilation included")
     return line
+
+
+def describe(model):
+    """'image encoder 0.39M, text encoder 0.10M, total 0.53M'."""
+    parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
+    counts = [f"{name} {count_parameters(m) / 1e6:.2f}M"
+              for name, m in parts.items() if m is not None]
+    return ", ".join(counts + [f"total {count_parameters(model) / 1e6:.2f}M"])
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
