@@ -307,7 +307,7 @@ class VKD(nn.Module):
 
 
 def describe(model):
-    """'image encoder 0.39M, text encoder 0.10M, total 0.53M'."""
+    """Parameter counts, e.g. 'image encoder 0.49M, text encoder 0.23M, total 0.81M'."""
     parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
     counts = [f"{name} {count_parameters(m) / 1e6:.2f}M"
               for name, m in parts.items() if m is not None]
