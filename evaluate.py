@@ -9,7 +9,7 @@
 Test-time inference uses the image-only prior p(z|x) (VKD.predict); the `text` baseline is the one
 exception, evaluated with its report (VKD.predict_with_text): it is an upper bound, not a test-time
 model. A NaN label is "not observed" (an uncertain MIMIC label under --uncertain ignore): every
-metric (metrics.py) leaves it out, label by label. Intervals are 95% percentile bootstrap over
+metric (vkd/metrics.py) leaves it out, label by label. Intervals are 95% percentile bootstrap over
 reports, or over patients where the collection names them; the output says which.
 """
 import json
@@ -98,7 +98,7 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
     given = {name: value for name, value in (data_options or {}).items() if value is not None}
     options = config | given
     collection = data.prepare_from(options)
-    images = data.image_cache(collection, config["image_size"], options.get("strict", False))
+    images = data.image_cache(collection, config["image_size"], options["strict"])
     same_collection = all(options.get(name) == config.get(name)
                           for name in data.DATA_OPTIONS if name != "data_dir")
     if same_collection and data.split_hash(collection.split_ids) != checkpoint["split_sha256"]:
@@ -108,7 +108,7 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
     if checkpoint["model_config"]["method"] == "text" or with_text:
         tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")
         tokens = data.sample_tokens(collection, tokenizer, checkpoint["model_config"]["max_len"])
-    labels = match_labels(collection, checkpoint.get("label_names", LABELS), options["data"],
+    labels = match_labels(collection, checkpoint["label_names"], options["data"],
                           checkpoint_path)
     return (images, tokens, labels, collection.bootstrap_groups, collection.bootstrap_unit,
             collection.splits)
@@ -204,7 +204,7 @@ def single_run(args):
     pictures asked for (vkd/analysis.py)."""
     model, checkpoint = load_checkpoint(args.ckpt, args.device)
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
-    with_text = args.bow or args.plots and method != "image"
+    with_text = args.bow or (args.plots and method != "image")
     loaded = load_collection(checkpoint, args.ckpt, data_options(args), with_text)
     images, tokens, labels, groups, unit, splits = loaded
     test_idx, val_idx = splits[args.split], splits["val"]
@@ -212,7 +212,7 @@ def single_run(args):
     p_val, _ = predict(model, images, tokens, val_idx, config, args.device,
                        num_samples=args.samples)
     result = metrics_report(labels[test_idx], p, groups[test_idx], args.bootstrap, args.seed,
-                            checkpoint.get("label_names", LABELS), unit)
+                            checkpoint["label_names"], unit)
     result["prediction"] = prediction_name(method, args.samples)
     uncertainty = None
     if method == "vkd":                # only VKD trains the prior's variance; `text` reads reports
@@ -254,7 +254,7 @@ def main():
             comparison(args)
         else:
             single_run(args)
-    except (data.DataError, PlotError, FileNotFoundError) as error:
+    except (data.DataError, PlotError, OSError) as error:   # OSError: e.g. no such --image
         sys.exit(f"error: {error}")
 
 

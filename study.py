@@ -44,7 +44,7 @@ from vkd.metrics import auroc_summary
 from model import gaussian_kl
 from vkd.compare import NOT_THE_METHOD, compare_runs, p_value
 from vkd.pictures import PlotError, pyplot
-from vkd.runtime import cpu_name
+from vkd.runtime import cpu_name, write_text
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("image", "vkd", "text")
@@ -436,7 +436,7 @@ def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
     if missing:
         lines += ["", f"Not finished, left out: {', '.join(missing)}."]
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(lines) + "\n")
+    write_text(args.doc, "\n".join(lines) + "\n")
 
 
 def pictures(args, curve_results, ablation_results, diagnosed):
@@ -499,7 +499,14 @@ def pictures(args, curve_results, ablation_results, diagnosed):
 # --------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = get_args(argv)
+    """The study; a damaged run folder, a full disk or an unwritable folder end in one line."""
+    try:
+        study(get_args(argv))
+    except (data.DataError, OSError) as error:
+        sys.exit(f"error: {error}")
+
+
+def study(args):
     start = time.time()
     runs, curve, ablations = grid(args.quick)
     plan = QUICK if args.quick else FULL

@@ -40,9 +40,11 @@ def get_args(argv=None):
     (config/collections.py), then the preset's (config/presets.py), then the flags given."""
     parser = options.build_parser(PRESETS, __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
-    if not args.resume:                                     # a resumed run keeps its saved options
+    if args.resume:                                         # a resumed run keeps its saved options
+        parser.set_defaults(epochs=None)                    # (and epochs, unless given)
+    else:
         parser.set_defaults(**COLLECTIONS[args.data] | PRESETS.get(args.preset, {}))
-        args = parser.parse_args(argv)                      # flags given on the command line win
+    args = parser.parse_args(argv)                          # flags given on the command line win
     if args.method != "all" and args.seeds is None:
         args.out = args.out or f"runs/{options.run_name(args, args.method, args.seed)}"
     return options.for_method(args)
@@ -110,7 +112,6 @@ def setup(args, start_time):
     """Processes, data on the device, model, optimizer and, with --resume, their saved state
     -> (Run, the checkpoint resumed or None)."""
     args, checkpoint = runtime.resume_args(args) if args.resume else (args, None)
-    args.epochs = args.epochs or 12
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world_size, device, amp = runtime.start(args)     # torchrun or not, seeds, autocast
@@ -135,10 +136,11 @@ def setup(args, start_time):
     pos_weight = batching.positive_weights(collection.labels[train_idx], args.pos_weight)
     model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp,
                                                             steps_per_epoch, pos_weight)
-    # Run's fields in order; `forward` is the plain model until restore() wraps it
-    run = Run(args, out, rank, rank == 0, world_size, device, amp, collection, split_sha256,
-              images, tokens, labels, lengths, weights, model, model, optimizer, scaler,
-              autocast, betas, steps_per_epoch, start_time)
+    run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size,
+              device=device, amp=amp, collection=collection, split_sha256=split_sha256,
+              images=images, tokens=tokens, labels=labels, lengths=lengths, weights=weights,
+              model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
+              betas=betas, steps_per_epoch=steps_per_epoch, start_time=start_time)
     untrained = runtime.restore(run, checkpoint)     # state, frozen parameters, compile, DDP
     run.record = {"config": vars(args), "environment": runtime.environment(device),
                   "model": runtime.describe(model), "split_sha256": split_sha256,

@@ -251,7 +251,7 @@ def test_safe_extract_writes_files_and_cleans_up(tmp_path, extraction):
     (tmp_path / "x.tgz").write_bytes(images_tgz())
     target = safe_extract(tmp_path / "x.tgz", tmp_path / "out")
     assert sorted(p.name for p in target.rglob("*.png")) == ["CXR1_1_IM-0001-1001.png",
-                                                            "CXR2_1_IM-0001-1001.png"]
+                                                             "CXR2_1_IM-0001-1001.png"]
     with tarfile.open(tmp_path / "x.tgz") as archive:
         for member in archive.getmembers():
             assert (target / member.name).read_bytes() == archive.extractfile(member).read()

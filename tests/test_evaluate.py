@@ -75,8 +75,8 @@ def run_script(*args):
 
 
 @pytest.mark.parametrize("kind", DAMAGED)
-def test_a_damaged_checkpoint_is_refused_by_evaluate_with_an_error_and_left_as_it_is(tmp_path,
-                                                                                      kind):
+def test_a_damaged_checkpoint_is_refused_by_evaluate_with_an_error_and_left_as_it_is(
+        tmp_path, kind):
     path = damaged(kind, tmp_path / "best.pt")
     before = path.read_bytes()
     with pytest.raises(DataError, match=rf"{path}"):

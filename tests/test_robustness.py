@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,8 +120,8 @@ def test_a_stop_signal_saves_the_exact_step_and_resume_gives_the_same_run(uninte
     assert_same_run(tmp / "whole", out)
 
 
-def test_ctrl_c_at_the_last_step_of_an_epoch_resumes_bit_identically_in_process(uninterrupted,
-                                                                                  monkeypatch):
+def test_ctrl_c_at_the_last_step_of_an_epoch_resumes_bit_identically_in_process(
+        uninterrupted, monkeypatch):
     """Ctrl-C after the last step of epoch 2, before its validation: the resumed run takes no step
     in epoch 2, validates and logs it, and goes on."""
     tmp, data_dir = uninterrupted
@@ -339,3 +340,40 @@ def test_a_second_train_py_on_a_folder_in_use_prints_an_error_not_a_traceback(un
         holder.close()
     assert process.returncode == 1 and "Traceback" not in output
     assert f"error: {out} is in use by another run (process 4242 on elsewhere)" in output
+
+
+def test_a_resumed_copy_of_a_run_folder_trains_where_it_is_not_where_it_was(uninterrupted):
+    tmp, data_dir = uninterrupted
+    first, copy = tmp / "first", tmp / "copy"
+    train.train(train.get_args(TINY + ["--data-dir", str(data_dir), "--out", str(first),
+                                       "--stop-after", "1"]))
+    shutil.copytree(first, copy)
+    train.train(train.get_args(["--out", str(copy), "--resume"]))
+    assert (copy / "metrics.json").exists() and not (first / "metrics.json").exists()
+    assert json.loads((copy / "run.json").read_text())["config"]["out"] == str(copy)
+
+
+def test_a_folder_that_cannot_be_locked_or_written_is_a_warning_or_an_error(tmp_path, monkeypatch,
+                                                                            capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(runtime.DataError, match=r"cannot write .*file/run/.lock"):
+        with runtime.FolderLock(tmp_path / "file" / "run"):
+            pass
+
+    def no_locks(handle, operation):                     # NFS without a lock daemon
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runtime.fcntl, "flock", no_locks)
+    with runtime.FolderLock(tmp_path / "run"):
+        pass
+    assert "cannot be locked (No locks available)" in capsys.readouterr().err
+
+
+def test_a_repeated_sigterm_is_ignored_while_the_step_finishes():
+    """torchrun passes on a SIGTERM that its whole process group got: the second must not kill."""
+    run = SimpleNamespace(world_size=1, args=SimpleNamespace(log_every=0), device="cpu", rank=0)
+    with runtime.StopRequest(run) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)               # would end the process by default
+        assert stop.signum == signal.SIGTERM and stop.agreed(1, 10, 1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

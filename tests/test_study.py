@@ -115,3 +115,15 @@ def test_a_run_trained_with_other_options_than_the_plan_stops_the_study(finished
                                                               match="run.json cannot be read"):
         patch.setattr(study, "QUICK", TINY)
         study.main(["--quick", "--out", str(out), "--data-dir", str(root / "data")])
+
+
+def test_a_damaged_checkpoint_in_a_study_folder_is_an_error_line_not_a_traceback(tmp_path):
+    runs, _, _ = study.grid(quick=True)
+    name = next(iter(runs))
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.json").write_text("{}")
+    (tmp_path / name / "best.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=rf"error: .*{name}/best.pt was refused: the file is "
+                                         r"empty"):
+        study.main(["--quick", "--report-only", "--out", str(tmp_path),
+                    "--doc", str(tmp_path / "STUDY.md")])

@@ -64,7 +64,7 @@ def test_collection_defaults_lose_to_given_flags_and_presets():
             and train.get_args(["--preset", "tiny"]).max_len == 64)
     assert set(COLLECTIONS) == {"demo", "openi", "mimic", "csv"}
     assert (openi.epochs, demo.epochs,
-            train.get_args(["--data", "openi", "--epochs", "5"]).epochs) == (30, None, 5)
+            train.get_args(["--data", "openi", "--epochs", "5"]).epochs) == (30, 12, 5)
     assert ((openi.text_dim, openi.text_layers, openi.word_dropout, openi.group_by_length)
             == (128, 1, 0.2, True))
     assert ((demo.text_dim, demo.text_layers, demo.word_dropout, demo.group_by_length)

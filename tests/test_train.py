@@ -193,7 +193,6 @@ def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
 def test_each_process_gets_its_own_saved_state_back():
     states = [{"torch": torch.tensor([rank])} for rank in range(2)]
     assert runtime.own_part(states, 1, 2) is states[1]
-    assert runtime.own_part(states[0], 0, 1) is states[0]  # one process's checkpoint, older format
     with pytest.raises(train.data.DataError,
                        match=r"written by 2 process\(es\): resume it with as many"):
         runtime.own_part(states, 0, 1)

@@ -16,7 +16,7 @@ from vkd.calibration import (calibration_report, fit_temperature, format_analysi
 from vkd.gradcam import cam_picture, grad_cam, overlay, save_rgb, slug
 from vkd.image_cache import decode_job
 from vkd.pictures import plot_curves, plot_latents, plot_reliability, plot_training
-from vkd.reports import LABELS, DataError, label_index
+from vkd.reports import DataError, label_index
 
 
 def analyse(args, model, checkpoint, loaded, p, p_val, uncertainty, metrics_report):
@@ -26,7 +26,7 @@ def analyse(args, model, checkpoint, loaded, p, p_val, uncertainty, metrics_repo
     the pictures (--plots, --cam). `loaded` is evaluate.load_collection's tuple, `metrics_report`
     evaluate's."""
     images, tokens, labels, groups, unit, splits = loaded
-    label_names = checkpoint.get("label_names", LABELS)
+    label_names = checkpoint["label_names"]
     test_idx, val_idx = splits[args.split], splits["val"]
     y, y_val = labels[test_idx], labels[val_idx]
     result = {}
@@ -61,7 +61,7 @@ def pictures(args, model, checkpoint, loaded, p, temperature):
     """--plots: ROC/PR curves, reliability, training curves, latent means; --cam: Grad-CAM."""
     images, tokens, labels, _, _, splits = loaded
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
-    label_names = checkpoint.get("label_names", LABELS)
+    label_names = checkpoint["label_names"]
     test_idx = splits[args.split]
     y = labels[test_idx]
     out = Path(args.out or Path(args.ckpt).parent)
@@ -143,7 +143,7 @@ def predict_files(model, checkpoint, paths, device, num_samples=0, uncertainty_s
 def single_images(args, model, checkpoint, num_samples):
     """--image: probabilities with uncertainty for each file, and a Grad-CAM overlay per file with
     --cam. `num_samples`: prior samples averaged for the probabilities."""
-    label_names = checkpoint.get("label_names", LABELS)
+    label_names = checkpoint["label_names"]
     images, p, mean, std = predict_files(model, checkpoint, args.image, args.device, num_samples,
                                          args.uncertainty_samples)
     result = {str(path): {name: {"p": float(p[i, k]),

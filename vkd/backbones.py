@@ -77,7 +77,11 @@ class TorchvisionEncoder(nn.Module):
         if not Path(path).is_file():
             raise DataError(f"--backbone-weights {path}: no such file "
                             "(give imagenet or a torchvision state_dict)")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:    # empty, truncated, not a state_dict: pickle, zip, EOF
+            raise DataError(f"--backbone-weights {path} was refused: not a torchvision "
+                            f"state_dict of plain tensors ({type(error).__name__})") from error
 
     @staticmethod
     def load(net, name, state, source, std=None):

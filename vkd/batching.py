@@ -81,7 +81,7 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
                                 args.split_seed)
     tokens = torch.from_numpy(tokens)
     lengths = report_lengths(tokens, args)
-    oversample = getattr(args, "oversample", False)              # a config without the option: off
+    oversample = args.oversample
     weights = draw_weights(collection.labels, collection.splits["train"]) if oversample else None
     tokens, labels = tokens.to(device), torch.from_numpy(collection.labels).to(device)
     # report filled max_len
@@ -136,7 +136,7 @@ def report_lengths(tokens, args):
     """(N,) tokens per report, on the CPU, for --group-by-length; else None (options.for_method
     turns it off for `--method image`, which reads no report: grouping would only make its batches
     less random)."""
-    return (tokens != 0).sum(1) if getattr(args, "group_by_length", False) else None
+    return (tokens != 0).sum(1) if args.group_by_length else None
 
 
 # --------------------------------------------------------------------------------- an epoch's order

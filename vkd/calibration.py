@@ -71,14 +71,14 @@ def calibration_report(y, p, label_names, num_bins=15, temperature=None):
     """ECE per label, its mean over labels, and over all observed (sample, label) pairs pooled
     (dominated by the many confident negatives, so lower), before and (given T) after temperature
     scaling."""
-    def eces(q, suffix=""):
-        per_label = [expected_calibration_error(y[:, k], q[:, k], num_bins)
+    def eces(probabilities, suffix=""):
+        per_label = [expected_calibration_error(y[:, k], probabilities[:, k], num_bins)
                      for k in range(len(label_names))]
         return {f"ece_per_label{suffix}": {name: none_if_nan(e)
                                            for name, e in zip(label_names, per_label)},
                 f"ece_mean{suffix}": (none_if_nan(np.nanmean(per_label))
                                       if not np.isnan(per_label).all() else None),
-                f"ece{suffix}": none_if_nan(expected_calibration_error(y, q, num_bins))}
+                f"ece{suffix}": none_if_nan(expected_calibration_error(y, probabilities, num_bins))}
     report = {"num_bins": num_bins, "temperature": temperature} | eces(p)
     if temperature is not None:
         report |= eces(apply_temperature(p, temperature), "_scaled")

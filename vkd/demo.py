@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vkd.reports import write_error
+
 PNG_SIZE = 192
 # bump when the drawing or the text changes: an existing demo folder is then redrawn
 VERSION = 2
@@ -216,7 +218,7 @@ def draw_xray(exposure, anatomy, findings, size=PNG_SIZE):
         d, s = side["Fracture"], sev["Fracture"]
         rib_v = -0.80 + 0.60 + anatomy["rib_phase"] + 0.35 * (0.45 - 0.35) ** 2
         image += (0.06 + 0.12 * s) * lungs[d] * ellipse(d * 0.45, rib_v, 0.04 + 0.03 * s,
-                                                          0.03 + 0.02 * s, 0.15)
+                                                        0.03 + 0.02 * s, 0.15)
     # fluid level with a meniscus at the lung base
     if "Pleural Effusion" in findings:
         d, s = side["Pleural Effusion"], sev["Pleural Effusion"]
@@ -231,14 +233,14 @@ def draw_xray(exposure, anatomy, findings, size=PNG_SIZE):
         d, s = side["Lung Lesion"], sev["Lung Lesion"]
         du, cv = exposure["nodule"]
         image += (0.05 + 0.10 * s) * lungs[d] * ellipse(d * anatomy["lung_u"] + du, cv,
-                                                          0.025 + 0.03 * s, 0.025 + 0.03 * s, 0.1)
+                                                        0.025 + 0.03 * s, 0.025 + 0.03 * s, 0.1)
     if "Edema" in findings:                             # bilateral perihilar haze
         haze = np.exp(-((np.abs(u) - 0.22) ** 2 + v ** 2) / 0.05)
         image += (0.03 + 0.10 * sev["Edema"]) * lung * haze
     if "Consolidation" in findings:                     # dense lower-lobe region
         d, s = side["Consolidation"], sev["Consolidation"]
         image += (0.05 + 0.12 * s) * lungs[d] * ellipse(d * anatomy["lung_u"], 0.25, 0.16, 0.14,
-                                                          0.08)
+                                                        0.08)
     if "Pneumonia" in findings:                         # mottled patches at one base
         d, s = side["Pneumonia"], sev["Pneumonia"]
         mottle = _blur(exposure["mottle"], max(1, size // 48))
@@ -339,6 +341,17 @@ def write_png(job):
 
 
 def make_demo(root, num_reports, seed, workers=None):
+    """draw_demo, with a failed write (a full disk, a folder that is not writable) as a DataError
+    naming the folder; what was drawn of it is removed, and drawn again, whole, next time."""
+    try:
+        return draw_demo(root, num_reports, seed, workers)
+    except OSError as error:
+        for folder in (Path(root) / "ecgen-radiology", Path(root) / "NLMCXR_png"):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise write_error(root, error) from error
+
+
+def draw_demo(root, num_reports, seed, workers=None):
     """Write the demo collection under `root` (once; reused when complete) and return `root`.
 
     Layout: root/ecgen-radiology/{n}.xml and root/NLMCXR_png/{image id}.png. About 2% of reports

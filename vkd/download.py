@@ -109,7 +109,10 @@ def download(url, dest, sha256=None, size=None, retries=3):
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(dest.parent, error) from error
     for attempt in range(retries + 1):
         try:
             _fetch_once(url, part, size)
@@ -228,8 +231,8 @@ def safe_extract(archive_path, target):
 
 def has_openi_files(folder):
     """Whether `folder` holds OpenI as downloaded or extracted (by us, or by hand)."""
-    return any((folder / name).exists() for name in ("ecgen-radiology", "NLMCXR_reports.tgz",
-                                                      "NLMCXR_png.tgz", "NLMCXR_png"))
+    names = ("ecgen-radiology", "NLMCXR_reports.tgz", "NLMCXR_png.tgz", "NLMCXR_png")
+    return any((folder / name).exists() for name in names)
 
 
 def openi_root(data_dir):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 from model import ImageEncoder
-from vkd.reports import DataError, label_index
+from vkd.reports import DataError, label_index, save_atomically
 
 def feature_maps_module(model):
     """The module whose output is the image encoder's last feature maps (B, C, h, w): where Grad-CAM
@@ -59,8 +59,7 @@ def overlay(image_uint8, cam, scale=2):
 
 
 def save_rgb(array, path):
-    Image.fromarray(array).save(path)
-    return path
+    return save_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def slug(name):

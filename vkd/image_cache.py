@@ -108,8 +108,6 @@ def cached_images(image_paths, size, cache_dir, workers=1):
     """
     cache_dir = Path(cache_dir)
     array_path, manifest_path = cache_dir / f"images-{size}.npy", cache_dir / f"images-{size}.json"
-    partial_path, progress_path = (cache_dir / f"images-{size}.partial.npy",
-                                   cache_dir / f"images-{size}.progress.json")
     key = cache_key(image_paths, size)
 
     def complete():
@@ -126,46 +124,57 @@ def cached_images(image_paths, size, cache_dir, workers=1):
 
     if (done := complete()) is not None:
         return done
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with locked(cache_dir / f"images-{size}.lock"):
-        # another run finished it while we waited
-        if (done := complete()) is not None:
-            return done
-        manifest_path.unlink(missing_ok=True)
-        shape = (len(image_paths), size, size)
-        progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-        if progress.get("key") == key and partial_path.exists():
-            array = np.load(partial_path, mmap_mode="r+")
-            start, bad = progress["done"], {int(i): why for i, why in progress["bad"].items()}
-        else:
-            check_free_space(cache_dir, np.prod(shape))
-            array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=shape)
-            allocate(partial_path)
-            start, bad = 0, {}
-        jobs = [(path, size) for path in image_paths[start:]]
-        pool = Pool(workers, initializer=init_worker) if workers > 1 and len(jobs) > 64 else None
-        results = pool.imap(decode_job, jobs, chunksize=16) if pool else map(decode_job, jobs)
-        try:
-            bar = tqdm(results, total=len(image_paths), initial=start,
-                       desc=f"caching images at {size}px", unit="img")
-            for i, (pixels, why) in enumerate(bar, start=start):
-                if why is None:
-                    array[i] = pixels
-                else:
-                    array[i], bad[i] = 0, why
-                if (i + 1) % CACHE_CHUNK == 0 or i + 1 == len(image_paths):
-                    # the rows first, then the record that they are there
-                    array.flush()
-                    write_json(progress_path, {"key": key, "done": i + 1, "bad": bad})
-        finally:
-            if pool:
-                pool.terminate()
-        array.flush()
-        del array
-        os.replace(partial_path, array_path)
-        write_json(manifest_path, {"key": key, "size": size, "count": len(image_paths), "bad": bad,
-                                   "bytes": array_path.stat().st_size})
-        progress_path.unlink()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with locked(cache_dir / f"images-{size}.lock"):
+            return build(image_paths, size, cache_dir, workers, key, complete)
+    except OSError as error:          # a full disk or a folder that is not writable
+        raise write_error(cache_dir, error) from error
+
+
+def build(image_paths, size, cache_dir, workers, key, complete):
+    """The body of cached_images, under its lock."""
+    array_path, manifest_path = cache_dir / f"images-{size}.npy", cache_dir / f"images-{size}.json"
+    partial_path, progress_path = (cache_dir / f"images-{size}.partial.npy",
+                                   cache_dir / f"images-{size}.progress.json")
+    # another run finished it while we waited
+    if (done := complete()) is not None:
+        return done
+    manifest_path.unlink(missing_ok=True)
+    shape = (len(image_paths), size, size)
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    if progress.get("key") == key and partial_path.exists():
+        array = np.load(partial_path, mmap_mode="r+")
+        start, bad = progress["done"], {int(i): why for i, why in progress["bad"].items()}
+    else:
+        check_free_space(cache_dir, np.prod(shape))
+        array = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=shape)
+        allocate(partial_path)
+        start, bad = 0, {}
+    jobs = [(path, size) for path in image_paths[start:]]
+    pool = Pool(workers, initializer=init_worker) if workers > 1 and len(jobs) > 64 else None
+    results = pool.imap(decode_job, jobs, chunksize=16) if pool else map(decode_job, jobs)
+    try:
+        bar = tqdm(results, total=len(image_paths), initial=start,
+                   desc=f"caching images at {size}px", unit="img")
+        for i, (pixels, why) in enumerate(bar, start=start):
+            if why is None:
+                array[i] = pixels
+            else:
+                array[i], bad[i] = 0, why
+            if (i + 1) % CACHE_CHUNK == 0 or i + 1 == len(image_paths):
+                # the rows first, then the record that they are there
+                array.flush()
+                write_json(progress_path, {"key": key, "done": i + 1, "bad": bad})
+    finally:
+        if pool:
+            pool.terminate()
+    array.flush()
+    del array
+    os.replace(partial_path, array_path)
+    write_json(manifest_path, {"key": key, "size": size, "count": len(image_paths), "bad": bad,
+                               "bytes": array_path.stat().st_size})
+    progress_path.unlink()
     return complete()
 
 

@@ -28,7 +28,7 @@ def build_parser(presets, description=None):
     (--preset NAME)."""
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument_group("method").add_argument
-    add("--method", default="vkd", choices=[*METHODS, "all"],
+    add("--method", default=MODEL.method, choices=[*METHODS, "all"],
         help="vkd, image (baseline), text (upper bound), distill (from a text teacher, "
              "--teacher), contrastive (image and report features aligned), or all: the five on "
              "one split, the teacher first, then compared (default: vkd)")
@@ -81,7 +81,7 @@ def build_parser(presets, description=None):
              "torch.hub.get_dir()/checkpoints) or a local torchvision state_dict file, for "
              "--backbone resnet18/densenet121 (default: none, random init)")
     add("--cnn-width", type=int, default=MODEL.cnn_width,
-        help=f"channels of the compact CNN's first stage (default: {MODEL.cnn_width})")
+        help=f"channels of the compact CNN's stem (default: {MODEL.cnn_width})")
     add("--vocab-size", type=int, default=MODEL.vocab_size,
         help=f"tokenizer vocabulary (default: {MODEL.vocab_size})")
     add("--max-len", type=int, default=None,
@@ -104,14 +104,14 @@ def build_parser(presets, description=None):
              f"(default: {MODEL.word_dropout}; openi: 0.2)")
     add("--sentence-shuffle", action=argparse.BooleanOptionalAction,
         default=MODEL.sentence_shuffle,
-        help="in training, each report's sentences in a random order (model.shuffle_sentences) "
+        help="in training, each report's sentences in a random order (vkd/text_tuning.py) "
              "(default: off; openi: on)")
     add("--sentence-attention", action=argparse.BooleanOptionalAction,
         default=MODEL.sentence_attention,
         help="a report token attends only to the tokens of its own sentence "
-             "(model.sentence_mask) (default: off; openi: on)")
+             "(vkd/text_tuning.py) (default: off; openi: on)")
     add = parser.add_argument_group("optimisation").add_argument
-    add("--epochs", type=int, default=None,
+    add("--epochs", type=int, default=12,
         help="training epochs (default: 12; openi: 30; or the resumed run's)")
     add("--batch-size", type=int, default=64,
         help="images per step, over all processes (default: 64)")
@@ -271,9 +271,9 @@ def build_evaluate_parser():
     add("--uncertainty-samples", type=int, default=100,
         help="prior samples whose spread is the uncertainty, for --image and the rejection curve "
              "(default: 100)")
-    add("--bow", action="store_true", help="also fit the bag-of-words reference (bow.py) on the "
-                                           "training reports, with the checkpoint's tokens, and "
-                                           "evaluate it on --split (default: off)")
+    add("--bow", action="store_true",
+        help="also fit the bag-of-words reference (vkd/bow.py) on the training reports, with the "
+             "checkpoint's tokens, and evaluate it on --split (default: off)")
     add = parser.add_argument_group("statistics").add_argument
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     add("--seed", type=int, default=0,

@@ -12,6 +12,7 @@ import numpy as np
 
 from vkd.calibration import apply_temperature, calibration_bins, expected_calibration_error
 from vkd.metrics import auroc, average_precision, observed, threshold_counts
+from vkd.reports import save_atomically
 
 class PlotError(Exception):
     """A picture was asked for but cannot be drawn (matplotlib missing)."""
@@ -73,7 +74,7 @@ def plot_curves(y, named_predictions, label_names, out):
                       frameon=False)
         figure.tight_layout()
         path = Path(out) / f"{kind}.png"
-        figure.savefig(path, dpi=72)
+        save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=72, format="png"))
         plt.close(figure)
         paths.append(path)
     return paths
@@ -102,7 +103,7 @@ def plot_reliability(y, p, out, num_bins=15, temperature=None):
     ax_count.set(xlabel="predicted probability", ylabel="predictions", yscale="log")
     figure.tight_layout()
     path = Path(out) / "reliability.png"
-    figure.savefig(path, dpi=72)
+    save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=72, format="png"))
     plt.close(figure)
     return path
 
@@ -127,7 +128,7 @@ def plot_training(log_path, out):
         ax.set_xlabel("epoch")
     figure.tight_layout()
     path = Path(out) / "training.png"
-    figure.savefig(path, dpi=72)
+    save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=72, format="png"))
     plt.close(figure)
     return path
 
@@ -163,6 +164,6 @@ def plot_latents(named_means, y_label, label_name, out):
     axes[0, 0].legend(fontsize=7)
     figure.tight_layout()
     path = Path(out) / "latents.png"
-    figure.savefig(path, dpi=72)
+    save_atomically(path, lambda tmp: figure.savefig(tmp, dpi=72, format="png"))
     plt.close(figure)
     return path

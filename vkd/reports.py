@@ -5,6 +5,7 @@ DataError, the exception that says what is wrong with the user's data, and label
 looked up by name. openi.py, tables.py, download.py, data.py and evaluate.py's side files import
 from here; this file imports nothing of the project, so that imports run one way.
 """
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +56,35 @@ def write_error(path, error):
     path, why, and the space that was free there."""
     why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     why = (why.strip().splitlines() or ["write failed"])[-1]
+    if "unexpected pos" in why:           # how torch.save says that the disk is full
+        why += " (the disk is probably full)"
     return DataError(f"cannot write {path}: {why} ({free_space(Path(path).parent)} free there); "
-                     f"what was saved before is kept: free some space and run the command again "
-                     f"(a training run: with --resume)")
+                     f"what was saved before is kept: free some space, or make the folder "
+                     f"writable, and run the command again (a run that saved last.pt: with "
+                     f"--resume)")
 
 
 def free_space(folder):
     """'1.2 GB' free on the disk of `folder`, or 'unknown'."""
     try:
-        return f"{shutil.disk_usage(folder).free / 1e9:.1f} GB"
+        free = shutil.disk_usage(folder).free
     except OSError:
         return "an unknown amount"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+
+
+def save_atomically(path, write, errors=(OSError,)):
+    """write(temporary path) beside `path`, then a rename: a crash or a full disk never leaves a
+    half-written file, and the one written before stays whole. A failed write (one of `errors`)
+    removes the temporary file and is a DataError naming the path and the free space."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:        # a Ctrl-C mid-write too: no temporary file stays
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, errors):
+            raise write_error(path, error) from error
+        raise
+    return path

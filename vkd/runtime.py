@@ -1,27 +1,30 @@
 """Runtime helpers for train.py: processes, random states, checkpoints on disk, interruption, the
-record of the machine. A student can skip this file: train.py calls each of these in one line.
+record of the machine. A student can skip this file: train.py calls each of these by name.
 
     setup_distributed / finish_distributed   one code path for 1 or N processes (torchrun, DDP)
     rng_states / gather_to_main / own_part   every process's random state, saved and restored
                                              exactly
-    save_checkpoint, read_checkpoint         atomic write (a crash never leaves half a
-                                             checkpoint); a read that never runs code
-                                             (torch.load(weights_only=True))
+    save_checkpoint, write_text              atomic writes: a crash or a full disk never leaves half
+                                             a file (an error names the path and the free space)
+    read_checkpoint                          a read that never runs code (weights_only=True) and
+                                             refuses what train.py did not write
     resume_args, open_log                    --resume: the run's saved options and its log so far
     freeze_unreached                         parameters a method never trains, which DDP must not
                                              wait for
-    StopRequest, test_signal                 Ctrl-C: stop at an exact step, all processes together
+    StopRequest, test_signal                 Ctrl-C or SIGTERM: stop at an exact step, all
+                                             processes together
+    FolderLock                               one run per --out folder
     check_labels, check_finite               stop before training a label with no positive image,
                                              or saving a non-finite update
     environment                              what a rerun needs to give the same numbers
 """
 import argparse
-import json
 import atexit
+import json
 import os
 import platform
 import signal
-import shutil
+import sys
 import subprocess
 import time
 from contextlib import contextmanager
@@ -39,7 +42,7 @@ except ImportError:
     fcntl = None
 
 from model import LOSS_PARTS
-from vkd.reports import DataError, write_error
+from vkd.reports import DataError, save_atomically, write_error
 
 
 # ------------------------------------------------------------------------------------- processes
@@ -105,9 +108,7 @@ def set_rng_states(states, device):
 
 
 def own_part(saved, rank, world_size):
-    """This process's entry of a per-process list that a checkpoint holds (gather_to_main); a lone
-    value is a checkpoint of one process written before such lists existed."""
-    saved = saved if isinstance(saved, list) else [saved]
+    """This process's entry of a per-process list that a checkpoint holds (gather_to_main)."""
     if len(saved) != world_size:
         raise DataError(f"the checkpoint was written by {len(saved)} process(es): resume it with "
                         f"as many (torchrun --nproc_per_node {len(saved)}), so that each continues "
@@ -119,26 +120,13 @@ def save_checkpoint(path, checkpoint):
     """Write to a temporary file, then rename: a crash or a full disk mid-write never leaves a
     truncated checkpoint, and the one written before stays whole. torch.save reports a full disk
     as a RuntimeError ("unexpected pos"), not as an OSError."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, error) from error
+    save_atomically(path, lambda tmp: torch.save(checkpoint, tmp), (OSError, RuntimeError))
 
 
 def write_text(path, text):
     """A whole text file (run.json, metrics.json, splits.json, the tokenizer), written as
     save_checkpoint writes: a temporary file beside it, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, error) from error
+    save_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def resume_command(out, world_size):
@@ -186,8 +174,13 @@ def resume_args(args):
         raise DataError(f"--resume: {last} does not exist; pass the --out of the run to continue")
     checkpoint = read_checkpoint(last)
     saved = argparse.Namespace(**checkpoint["config"])
+    missing = sorted(set(vars(args)) - set(vars(saved)))
+    if missing:
+        raise DataError(f"{last} was written by another version of train.py (its config lacks "
+                        f"{', '.join(missing)}); start a new run")
     saved.epochs = args.epochs or saved.epochs
-    saved.stop_after, saved.resume = args.stop_after, True
+    # the folder given now: a run folder that was moved or copied continues where it is
+    saved.out, saved.stop_after, saved.resume = args.out, args.stop_after, True
     print(f"resuming {last} at epoch {checkpoint['epoch'] + 2}/{saved.epochs} "
           f"with its saved config")
     return saved, checkpoint
@@ -280,13 +273,17 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
+        if self.signum:                   # a repeat: torchrun passes on a signal its group got
+            return
         self.signum = signum
-        self.restore()
+        # a second Ctrl-C quits at once; a second SIGTERM is ignored (the job's own signal may
+        # reach every process twice, through torchrun)
+        signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
         when = ("this step" if self.world_size == 1
                 else "up to --log-every steps (all processes stop together)")
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         tqdm.write(f"{name}: finishing {when}, then saving last.pt "
-                   f"({name} again to quit without saving)")
+                   f"(Ctrl-C to quit without saving)")
 
     def restore(self):
         for s, previous in self.previous.items():
@@ -337,20 +334,31 @@ class FolderLock:
     def __enter__(self):
         if not self.main:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a+")
+        except OSError as error:
+            raise write_error(self.path, error) from error
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as error:
+            if not isinstance(error, BlockingIOError):   # e.g. NFS without a lock daemon
+                print(f"warning: {self.path.parent} cannot be locked ({error.strerror}); make "
+                      f"sure no other run uses it", file=sys.stderr)
+                return self
             self.handle.seek(0)
             holder = self.handle.read().strip() or "another process"
             self.handle.close()
             raise DataError(f"{self.path.parent} is in use by another run ({holder}); wait for it "
                             f"to end, or give this run another --out") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"process {os.getpid()} on {platform.node()}")
-        self.handle.flush()
+        try:
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(f"process {os.getpid()} on {platform.node()}")
+            self.handle.flush()
+        except OSError as error:
+            self.handle.close()
+            raise write_error(self.path, error) from error
         return self
 
     def __exit__(self, *exception):
@@ -497,13 +505,13 @@ def restore(run, checkpoint):
         try:
             run.model.load_state_dict(checkpoint["model"])
             run.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:   # another version's model
+            run.scaler.load_state_dict(checkpoint["scaler"])
+            set_rng_states(own_part(checkpoint["rng"], run.rank, run.world_size), run.device)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:   # another version's
             raise DataError(f"{run.out}/last.pt does not fit this model.py and its options "
                             f"({str(error).splitlines()[0][:200]})") from error
-        run.scaler.load_state_dict(checkpoint["scaler"])
         run.start_epoch, run.step = checkpoint["epoch"] + 1, checkpoint["step"]
         run.best_auroc, run.saved_epoch = checkpoint["best_auroc"], checkpoint["epoch"]
-        set_rng_states(own_part(checkpoint["rng"], run.rank, run.world_size), run.device)
     untrained = freeze_unreached(run.model, run.tokens[:2], run.labels[:2], run.args)
     run.forward = torch.compile(run.model) if run.args.compile else run.model
     if run.world_size > 1:                      # gradients averaged over the processes in backward
@@ -595,7 +603,7 @@ def epoch_line(record, run, epoch):
 
 
 def describe(model):
-    """'image encoder 0.39M, text encoder 0.10M, total 0.53M'."""
+    """Parameter counts, e.g. 'image encoder 0.49M, text encoder 0.23M, total 0.81M'."""
     parts = {"image encoder": model.image_encoder, "text encoder": model.text_encoder}
     counts = [f"{name} {count_parameters(m) / 1e6:.2f}M"
               for name, m in parts.items() if m is not None]

@@ -61,8 +61,8 @@ def open_table(folder, name):
 
 class Rows:
     """A csv.DictReader whose file turns out not to be UTF-8 (e.g. saved as Latin-1 or UTF-16):
-    a DataError naming the file and line, and saying to save it as UTF-8, instead of a
-    UnicodeDecodeError."""
+    a DataError naming the file and its first byte that is not UTF-8, and saying to save it as
+    UTF-8, instead of a UnicodeDecodeError."""
 
     def __init__(self, reader, path):
         self.reader, self.path = reader, path
