@@ -23,7 +23,7 @@ import data
 from vkd.metrics import bootstrap_draws, resampled, run_report
 from model import PRIOR_MEAN_ONLY, VKD, VKDConfig
 from vkd import analysis
-from vkd.compare import Evaluated, cell, compare_runs, format_comparison
+from vkd.compare import Evaluated, compare_runs, format_comparison, format_metrics
 from vkd.options import build_evaluate_parser
 from vkd.pictures import PlotError
 from vkd.reports import LABELS
@@ -108,29 +108,10 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
     if checkpoint["model_config"]["method"] == "text" or with_text:
         tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")
         tokens = data.sample_tokens(collection, tokenizer, checkpoint["model_config"]["max_len"])
-    labels = match_labels(collection, checkpoint["label_names"], options["data"],
+    labels = analysis.match_labels(collection, checkpoint["label_names"], options["data"],
                           checkpoint_path)
     return (images, tokens, labels, collection.bootstrap_groups, collection.bootstrap_unit,
             collection.splits)
-
-
-def match_labels(collection, trained, name, checkpoint_path):
-    """The collection's labels (N, K) in the order of the checkpoint's K `trained` labels; NaN for
-    a label the collection does not have."""
-    if collection.label_names == trained:
-        return collection.labels
-    shared = [label for label in trained if label in collection.label_names]
-    if not shared:
-        raise data.DataError(f"{checkpoint_path} predicts {trained}; the {name} collection has "
-                             f"none of these labels ({collection.label_names})")
-    labels = np.full((len(collection.labels), len(trained)), np.nan, dtype=np.float32)  # (N, K)
-    for k, label in enumerate(trained):
-        if label in shared:
-            labels[:, k] = collection.labels[:, collection.label_names.index(label)]
-    left_out = [label for label in trained if label not in shared]
-    note = f"; not in this collection, left out: {', '.join(left_out)}" if left_out else ""
-    print(f"evaluating on {name}: {len(shared)} shared labels{note}", file=sys.stderr)
-    return labels
 
 
 def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_options=None):
@@ -159,25 +140,6 @@ def compare_checkpoints(paths, device="cpu", num_samples=0, num_resamples=1000, 
     -> (the comparison, the Evaluated runs it compares)."""
     runs = [evaluate_checkpoint(path, "test", device, num_samples, data_options) for path in paths]
     return compare_runs(paths, runs, num_resamples, seed), runs
-
-
-def format_metrics(metrics, title):
-    lines = [title, f"{'label':28s} {'positives':>9s}  {'AUROC [95% CI]':24s}  AUPRC [95% CI]"]
-    for name, m in metrics["per_label"].items():
-        lines.append(f"{name:28s} {m['positives']:9d}  {cell(m['auroc'], m['auroc_ci95']):24s}  "
-                     f"{cell(m['auprc'], m['auprc_ci95'])}")
-    for kind in ("macro", "micro"):
-        auroc = cell(metrics[f"{kind}_auroc"], metrics[f"{kind}_auroc_ci95"])
-        auprc = cell(metrics[f"{kind}_auprc"], metrics[f"{kind}_auprc_ci95"])
-        lines.append(f"{kind:28s} {'':9s}  {auroc:24s}  {auprc}")
-    if metrics["labels_skipped_in_macro"]:
-        skipped = ", ".join(metrics["labels_skipped_in_macro"])
-        lines.append(f"left out of macro (one class in this split): {skipped}")
-    lines.append(f"{metrics['num_images']} images; intervals: 95% bootstrap over "
-                 f"{metrics['num_bootstrap_units']} {metrics['bootstrap_unit']}")
-    if "prediction" in metrics:
-        lines.append(f"probabilities: {metrics['prediction']}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- entry
@@ -224,7 +186,7 @@ def single_run(args):
         print(json.dumps(result, indent=1))
         return
     print(format_metrics(result, f"{args.ckpt} ({args.split})"), "\n")
-    print(analysis.format_extras(result, args.split, format_metrics))
+    print(analysis.format_extras(result, args.split))
 
 
 def comparison(args):

@@ -17,7 +17,7 @@ from vkd import metrics
 import train
 from model import VKD, VKDConfig
 from vkd import analysis, gradcam, image_cache
-from vkd.recipe import run_recipe
+from vkd.recipe import METHODS_OF_ALL, run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4",
@@ -41,15 +41,18 @@ def recipe(tmp_path_factory):
 
 def test_method_all_trains_every_method_and_seed_on_one_split_and_compares_them(recipe):
     runs, result = recipe
-    for method in ("image", "vkd", "text"):
+    for method in METHODS_OF_ALL:
         for seed in (0, 1):
             run_json = json.loads((runs / f"demo-{method}-seed{seed}" / "run.json").read_text())
             assert run_json["config"]["method"] == method and run_json["config"]["seed"] == seed
     hashes = {torch.load(path, weights_only=True)["split_sha256"]
               for path in runs.glob("*/best.pt")}
-    assert len(hashes) == 1                                     # one split for all six runs
+    assert len(hashes) == 1                                     # one split for all ten runs
     assert json.loads((runs / "demo-comparison.json").read_text()) == json.loads(json.dumps(result))
-    assert [m["name"] for m in result["methods"]] == ["image", "vkd", "text"]
+    assert [m["name"] for m in result["methods"]] == list(METHODS_OF_ALL)
+    teacher = runs / "demo-text-seed1" / "best.pt"            # distill learns from its seed's text
+    assert json.loads((runs / "demo-distill-seed1" / "run.json").read_text())["config"][
+        "teacher"] == str(teacher)
     for method in result["methods"]:
         assert method["seeds"] == [0, 1] and method["macro_auroc"]["std"] is not None
         macros = [result["runs"][i]["macro_auroc"] for i in method["runs"]]

@@ -414,7 +414,7 @@ def test_model_options_default_to_the_model_config():
 def test_help_groups_every_option_and_shows_its_default(capsys):
     parser = options.build_parser(train.PRESETS)
     titles = [group.title for group in parser._action_groups if group._group_actions]
-    assert titles[-7:] == ["method",
+    assert titles[-8:] == ["method", "the other ways to use the report (model.py)",
                            "the authors' design choices (model.py; all on: --preset authors)",
                            "model", "optimisation", "data", "speed", "run management"]
     flags = [action for action in parser._actions if action.option_strings != ["-h", "--help"]]

@@ -3,6 +3,7 @@ uncertainty, the bag-of-words reference and pictures of one checkpoint (analyse,
 probabilities and Grad-CAM for single image files (single_images). A student can skip this file.
 """
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import data
 from model import PRIOR_MEAN_ONLY
 from vkd.bow import fit_bag_of_words
+from vkd.compare import format_metrics
 from vkd.calibration import (calibration_report, fit_temperature, format_analysis,
                              operating_points_report, rejection_curve)
 from vkd.gradcam import cam_picture, grad_cam, overlay, save_rgb, slug
@@ -86,7 +88,7 @@ def pictures(args, model, checkpoint, loaded, p, temperature):
     return written
 
 
-def format_extras(result, split, format_metrics):
+def format_extras(result, split):
     """The text of analyse's result, after evaluate.py's metrics table."""
     parts = []
     if "bag_of_words" in result:
@@ -183,3 +185,22 @@ def comparison_pictures(args, result, runs):
     named = [(m["name"], runs[m["runs"][0]].probabilities) for m in result["methods"]]
     written = plot_curves(runs[0].labels, named, result["label_names"], out)
     return [str(path) for path in written]
+
+
+def match_labels(collection, trained, name, checkpoint_path):
+    """The collection's labels (N, K) in the order of the checkpoint's K `trained` labels; NaN for
+    a label the collection does not have."""
+    if collection.label_names == trained:
+        return collection.labels
+    shared = [label for label in trained if label in collection.label_names]
+    if not shared:
+        raise DataError(f"{checkpoint_path} predicts {trained}; the {name} collection has "
+                        f"none of these labels ({collection.label_names})")
+    labels = np.full((len(collection.labels), len(trained)), np.nan, dtype=np.float32)  # (N, K)
+    for k, label in enumerate(trained):
+        if label in shared:
+            labels[:, k] = collection.labels[:, collection.label_names.index(label)]
+    left_out = [label for label in trained if label not in shared]
+    note = f"; not in this collection, left out: {', '.join(left_out)}" if left_out else ""
+    print(f"evaluating on {name}: {len(shared)} shared labels{note}", file=sys.stderr)
+    return labels

@@ -183,3 +183,22 @@ def format_comparison(result):
                      f"{cell(run['macro_auroc'], run['macro_auroc_ci95'])} | "
                      f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} | {run['prediction']} |")
     return "\n".join(lines)
+
+
+def format_metrics(metrics, title):
+    lines = [title, f"{'label':28s} {'positives':>9s}  {'AUROC [95% CI]':24s}  AUPRC [95% CI]"]
+    for name, m in metrics["per_label"].items():
+        lines.append(f"{name:28s} {m['positives']:9d}  {cell(m['auroc'], m['auroc_ci95']):24s}  "
+                     f"{cell(m['auprc'], m['auprc_ci95'])}")
+    for kind in ("macro", "micro"):
+        auroc = cell(metrics[f"{kind}_auroc"], metrics[f"{kind}_auroc_ci95"])
+        auprc = cell(metrics[f"{kind}_auprc"], metrics[f"{kind}_auprc_ci95"])
+        lines.append(f"{kind:28s} {'':9s}  {auroc:24s}  {auprc}")
+    if metrics["labels_skipped_in_macro"]:
+        skipped = ", ".join(metrics["labels_skipped_in_macro"])
+        lines.append(f"left out of macro (one class in this split): {skipped}")
+    lines.append(f"{metrics['num_images']} images; intervals: 95% bootstrap over "
+                 f"{metrics['num_bootstrap_units']} {metrics['bootstrap_unit']}")
+    if "prediction" in metrics:
+        lines.append(f"probabilities: {metrics['prediction']}")
+    return "\n".join(lines)
