@@ -172,7 +172,7 @@ def prepare_from(options):
     """prepare() from a dict holding DATA_OPTIONS (vars(args), a checkpoint's config), then
     --train-fraction."""
     collection = prepare(**{name: options[name] for name in DATA_OPTIONS if name in options})
-    fraction, seed = options["train_fraction"], options["split_seed"]
+    fraction, seed = options.get("train_fraction", 1.0), options.get("split_seed", 0)
     return keep_train_fraction(collection, fraction, seed)
 
 

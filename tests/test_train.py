@@ -399,7 +399,7 @@ def test_a_preset_sets_defaults_that_explicit_flags_override():
     assert args.out == "runs/demo-tiny-image-seed0"
     plain = train.get_args([])
     assert ((plain.image_size, plain.demo_reports, plain.epochs, plain.out)
-            == (128, 1500, None, "runs/demo-vkd-seed0"))
+            == (128, 1500, 12, "runs/demo-vkd-seed0"))
 
 
 def test_model_options_default_to_the_model_config():
