@@ -26,8 +26,9 @@ class Evaluated(NamedTuple):
 
 
 # options that do not change what is learnt
+# each seed's distill run learns from its own seed's teacher: the teacher's path is bookkeeping too
 NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile",
-                  "channels_last", "preload", "log_every", "bootstrap", "preset")
+                  "channels_last", "preload", "log_every", "bootstrap", "preset", "teacher")
 
 
 # Options added after runs were saved, with the value those runs were trained with: a config
@@ -36,7 +37,9 @@ NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "dat
 ADDED_OPTIONS = {"beta_cycle_epochs": 0, "posterior_input": "image+report", "classifier_input": "z",
                  "kl_direction": "qp", "average_samples": False, "train_fraction": 1.0,
                  "group_by_length": False, "word_dropout": 0.0, "sentence_shuffle": False,
-                 "sentence_attention": False, "oversample": False}
+                 "sentence_attention": False, "oversample": False, "report_control": "none",
+                 "distill_alpha": 0.5, "distill_temperature": 2.0, "contrastive_weight": 1.0,
+                 "contrastive_temperature": 0.1}
 
 
 def group_runs(configs):
