@@ -166,7 +166,7 @@ def single_run(args):
     pictures asked for (vkd/analysis.py)."""
     model, checkpoint = load_checkpoint(args.ckpt, args.device)
     config, method = checkpoint["config"], checkpoint["model_config"]["method"]
-    with_text = args.bow or (args.plots and method != "image")
+    with_text = args.bow or (args.plots and method in ("vkd", "text"))
     loaded = load_collection(checkpoint, args.ckpt, data_options(args), with_text)
     images, tokens, labels, groups, unit, splits = loaded
     test_idx, val_idx = splits[args.split], splits["val"]

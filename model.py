@@ -323,7 +323,8 @@ class VKD(nn.Module):
         the negatives are those of each process's batch."""
         a = F.normalize(self.image_projection(h_x).float(), dim=-1)                 # (B, P)
         b = F.normalize(self.text_projection(self.text_encoder(t)).float(), dim=-1)  # (B, P)
-        similarity = a @ b.T / self.cfg.contrastive_temperature                     # (B, B)
+        with torch.autocast(h_x.device.type, enabled=False):        # logits / tau in fp32
+            similarity = a @ b.T / self.cfg.contrastive_temperature                 # (B, B)
         same_report = (t[:, None, :] == t[None, :, :]).all(-1)                      # (B, B)
         same_report &= ~torch.eye(len(t), dtype=torch.bool, device=t.device)
         similarity = similarity.masked_fill(same_report, float("-inf"))

@@ -89,7 +89,7 @@ class Run:
     collection: data.Collection
     split_sha256: str
     images: object                  # (N, S, S) uint8: on the device, or the memory-mapped cache
-    tokens: torch.Tensor            # (N, T) report token ids, 0 = padding
+    tokens: torch.Tensor            # (N, T) report token ids, 0 = padding; distill: (N, K) logits
     labels: torch.Tensor            # (N, K), NaN = not observed
     lengths: torch.Tensor | None    # (N,) report tokens, on the CPU, with --group-by-length
     weights: torch.Tensor | None    # (N_train,) how often each image is drawn, with --oversample
@@ -124,8 +124,7 @@ def setup(args, start_time):
     images, tokens, labels, lengths, weights = batching.on_device(collection, tokenizer, cache,
                                                                   args, device, rank == 0)
     if args.method == "distill":          # the teacher's logits (N, K) take the reports' place
-        tokens = teachers.teacher_logits(args.teacher, collection, cache, split_sha256,
-                                         args.image_size, device)
+        tokens = teachers.teacher_logits(args, collection, cache, split_sha256, device)
     runtime.check_labels(collection, args.allow_missing_labels, rank == 0)
     steps_per_epoch = len(train_idx) // args.batch_size                # drop_last
     if steps_per_epoch == 0:

@@ -2,7 +2,10 @@
 text teacher's soft targets) and contrastive (image and report features aligned), and the controls
 that separate the report's information from the architecture (--report-control)."""
 import json
+import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import train
 from model import VKD, VKDConfig, bce
 from vkd import runtime
 
+REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2,
              text_layers=1)
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "8", "--cnn-width", "4",
@@ -140,8 +144,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     common = TINY + ["--data-dir", str(tmp / "data")]
     for method, extra in (("text", []), ("distill", ["--teacher", str(tmp / "text/best.pt")]),
-                          ("contrastive", []), ("vkd", ["--report-control", "blank"])):
-        train.train(train.get_args(common + ["--method", method, "--out", str(tmp / method),
+                          ("contrastive", []), ("vkd", ["--report-control", "blank"]),
+                          ("text-blank", ["--report-control", "blank"])):
+        method, name = method.split("-")[0], method
+        train.train(train.get_args(common + ["--method", method, "--out", str(tmp / name),
                                              *extra]))
     return tmp, common
 
@@ -173,3 +179,26 @@ def test_a_teacher_that_is_not_a_text_run_or_of_another_split_is_refused(runs):
         train.train(train.get_args(other))
     with pytest.raises(runtime.DataError, match="needs --teacher"):
         train.train(train.get_args(common + ["--method", "distill", "--out", str(tmp / "d3")]))
+
+
+def test_a_student_takes_its_teachers_control_and_a_control_names_its_folder(runs):
+    tmp, common = runs
+    args = train.get_args(common + ["--method", "distill", "--out", str(tmp / "d-blank"),
+                                    "--teacher", str(tmp / "text-blank/best.pt")])
+    train.train(args)
+    saved = torch.load(tmp / "d-blank" / "best.pt", weights_only=True)["config"]
+    assert saved["report_control"] == "blank"
+    assert train.get_args(["--report-control", "shuffled"]).out == "runs/demo-vkd-shuffled-seed0"
+    assert train.get_args(["--method", "image", "--report-control", "shuffled"]).out == \
+        "runs/demo-image-seed0"
+
+
+@pytest.mark.parametrize("method", ["distill", "contrastive"])
+def test_evaluate_draws_the_pictures_of_the_other_methods(runs, method):
+    pytest.importorskip("matplotlib")
+    tmp, _ = runs
+    command = [sys.executable, "evaluate.py", "--ckpt", str(tmp / method / "best.pt"), "--plots",
+               "--bootstrap", "20", "--out", str(tmp / f"pictures-{method}")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp / f"pictures-{method}" / "training.png").exists()

@@ -111,7 +111,7 @@ def latent_means(model, images, tokens, indices, config, device, batch_size=256)
         x = data.normalise(images_on_device, config["pixel_mean"], config["pixel_std"])
         h_x, mu, _ = model.encode_prior(x)
         mu_p.append(mu.float().cpu().numpy())
-        if model.text_encoder is not None:
+        if model.posterior is not None:                  # vkd, text: q(z | x, t)
             t = torch.as_tensor(tokens[idx]).to(device)
             mu_q.append(model.encode_posterior(h_x, t)[0].float().cpu().numpy())
     return np.concatenate(mu_p), np.concatenate(mu_q) if mu_q else None

@@ -86,7 +86,8 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
     tokens, labels = tokens.to(device), torch.from_numpy(collection.labels).to(device)
     # report filled max_len
     truncated = (tokens[:, -1] != 0).float().mean().item()
-    if truncated > 0.05 and main_process:
+    reads_reports = args.method not in ("image", "distill")
+    if truncated > 0.05 and main_process and reads_reports:
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; "
               f"consider a larger one")
     return images, tokens, labels, lengths, weights

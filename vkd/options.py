@@ -176,6 +176,8 @@ def for_method(args, **changes):
     args = argparse.Namespace(**vars(args) | changes)
     if args.method in ("image", "distill"):
         args.group_by_length = args.sentence_shuffle = args.sentence_attention = False
+    if args.method == "image":        # distill's control is its teacher's (train.setup)
+        args.report_control = "none"
     return args
 
 
@@ -185,8 +187,11 @@ def collection_name(args):
 
 
 def run_name(args, method, seed):
-    """The folder name of one run, e.g. demo-tiny-vkd-seed0."""
-    return f"{collection_name(args)}-{method}-seed{seed}"
+    """The folder name of one run, e.g. demo-tiny-vkd-seed0, or demo-tiny-vkd-shuffled-seed0 under
+    --report-control shuffled (so that a control never overwrites the run it controls)."""
+    control = args.report_control
+    control = "" if control == "none" or method == "image" else f"-{control}"
+    return f"{collection_name(args)}-{method}{control}-seed{seed}"
 
 
 def model_config(args, num_labels, vocab_size, sentence_end=-1):

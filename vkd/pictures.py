@@ -115,13 +115,17 @@ def plot_training(log_path, out):
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     epochs = [r["epoch"] for r in records]
     figure, axes = plt.subplots(1, 4, figsize=(13, 3))
-    for key in ("loss", "bce_posterior", "bce_prior"):
+    # the loss parts a method logs (model.LOSS_PARTS): distill and contrastive have no KL
+    parts = [key for key in ("loss", "bce_posterior", "bce_prior", "distill", "contrastive")
+             if key in records[0]]
+    for key in parts:
         axes[0].plot(epochs, [r[key] for r in records], marker=".", label=key)
     axes[0].legend(fontsize=7)
     for ax, key, title in ((axes[1], "kl", "KL(q || p), nats"),
                            (axes[2], "beta", "beta (end of epoch)"),
                            (axes[3], "val_macro_auroc", "validation macro AUROC")):
-        ax.plot(epochs, [r[key] for r in records], marker=".")
+        if key in records[0]:
+            ax.plot(epochs, [r[key] for r in records], marker=".")
         ax.set_title(title, fontsize=9)
     axes[0].set_title("training loss parts", fontsize=9)
     for ax in axes:
