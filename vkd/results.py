@@ -46,10 +46,11 @@ import data
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
 from vkd import options
-from vkd.compare import NOT_THE_METHOD, cell, p_value
+from vkd.compare import ADDED_OPTIONS, NOT_THE_METHOD, cell, p_value
 from vkd.download import OPENI_REPORTS_SHA256, file_sha256
 from vkd.openi import iter_report_files, parse_report
 from vkd.pictures import PlotError, pyplot
+from vkd.recipe import METHODS_OF_ALL
 from vkd.runtime import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,12 +200,14 @@ def check_plan(runs, out):
         if not record.exists():
             continue
         try:
-            config = json.loads(record.read_text())["config"]
+            # an option added after the run was saved: the value it was trained with
+            config = ADDED_OPTIONS | json.loads(record.read_text())["config"]
         except (ValueError, KeyError) as error:
             sys.exit(f"error: {record} cannot be read ({error!r}); delete {record.parent} to train "
                      f"that run again")
         wrong = {key: (config.get(key), value) for key, value in planned_config(flags).items()
-                 if key not in NOT_THE_METHOD and value is not None and config.get(key) != value}
+                 if key not in NOT_THE_METHOD and value is not None and key in config
+                 and config[key] != value}
         if wrong:
             sys.exit(f"error: {out / name} was trained with other options than planned "
                      f"(option: (trained, planned)) {wrong}; delete that folder or give another "
@@ -628,9 +631,12 @@ def demo_section(args, sets, jobs, results):
     recipe = shell(["python", "train.py", *demo.flags[:-4], "--method", "all", "--seeds", seeds,
                     "--out", f"{args.out}/demo"])
     options_used = "the demo's default options" if not demo.flags[:-4] else "these options"
+    others = [method for method in METHODS_OF_ALL if method not in METHODS]
     lines += [f"Every number and picture in this section comes from these commands (split seed "
-              f"{config['split_seed']}, {options_used}). The "
-              f"{len(demo.runs())} runs are those that `{recipe}` trains one after another.", "",
+              f"{config['split_seed']}, {options_used}). The {len(demo.runs())} runs are the "
+              f"{', '.join(METHODS[:-1])} and {METHODS[-1]} runs that `{recipe}` trains one "
+              f"after another"
+              + (f" (it also trains {' and '.join(others)})" if others else "") + ".", "",
               *code(loop(demo, args.out) + [jobs[key].shown for key in
                                             ("demo-compare", "demo-vkd-seed0",
                                              "demo-image-seed0")],
