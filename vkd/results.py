@@ -530,18 +530,24 @@ def stats_cell(stats):
     return cell(stats["mean"], stats["ci95"], stats["std"])
 
 
+def signed(value):
+    """'+0.018', '-0.023'; a value that rounds to zero is '0.000', not '-0.000'."""
+    text = f"{value:+.3f}"
+    return "0.000" if text in ("+0.000", "-0.000") else text
+
+
 def difference(method, key, resamples):
     d = method["difference"][key]
     if d["value"] is None or d["ci95"] is None:
         return "n/a"
-    return (f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+    return (f"{signed(d['value'])} [{signed(d['ci95'][0])}, {signed(d['ci95'][1])}], "
             f"{p_value(d['p'], resamples)}")
 
 
 def interval_only(method, key):
     d = method["difference"][key]
-    return "n/a" if d["ci95"] is None else (f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, "
-                                            f"{d['ci95'][1]:+.3f}]")
+    return "n/a" if d["ci95"] is None else (f"{signed(d['value'])} [{signed(d['ci95'][0])}, "
+                                            f"{signed(d['ci95'][1])}]")
 
 
 def verdict(method, key):
@@ -807,8 +813,8 @@ def seed_spread(result, image, vkd):
     return [f"The spread between seeds (std {min(stds):.3f} to {max(stds):.3f} in macro AUROC for "
             f"image and vkd) is "
             + ("of the order of" if max(stds) >= abs(gap) / 2 else "small against")
-            + f" the difference between the two ({gap:+.3f}); seed by seed, vkd - image is "
-            + ", ".join(f"{d:+.3f} (seed {seed})" for seed, d in per_seed)
+            + f" the difference between the two ({signed(gap)}); seed by seed, vkd - image is "
+            + ", ".join(f"{signed(d)} (seed {seed})" for seed, d in per_seed)
             + (", the same sign every time." if len(signs) == 1 else
                ", not the same sign every time.")]
 
@@ -895,7 +901,7 @@ def openi_reading(args, sets, results, main_runs):
     parts = []
     for k, ev in evs.items():
         bow, (low, high) = ev["bag_of_words"]["macro_auroc"], ev["macro_auroc_ci95"]
-        parts.append(f"{ev['macro_auroc'] - bow:+.3f} on split seed {k} (the bag of words "
+        parts.append(f"{signed(ev['macro_auroc'] - bow)} on split seed {k} (the bag of words "
                      f"{'inside' if low <= bow <= high else 'outside'} the teacher's interval)")
     return ["Training took " + " and ".join(f"{sum(r['epoch_s'] for r in log):.0f} s"
                                              for log in logs.values())
