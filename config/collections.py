@@ -19,7 +19,7 @@ COLLECTIONS = {
     # with word dropout 0.2 and its sentences shuffled scored highest, and 30 epochs did better
     # than 20. Drawing the images of rare labels more often (--oversample) scored higher with each
     # of three training seeds; with it, no dropout inside the transformer scored the same as 0.1 and
-    # takes about a third less time on a CPU. On top of these, attention within each sentence only
+    # takes less time on a CPU. On top of these, attention within each sentence only
     # (--sentence-attention) scored higher with each of three training seeds. Batches group reports
     # of similar length (--group-by-length), each cut to its longest.
     "openi": REAL_REPORTS | {"epochs": 30, "text_dim": 128, "text_layers": 1, "word_dropout": 0.2,
