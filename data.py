@@ -26,7 +26,7 @@ from vkd.openi import OPENI_URL, labels_from_mesh, read_openi
 from vkd.options import add_data_args
 from vkd.reports import LABELS, DataError
 from vkd.runtime import write_text
-from vkd.summary import JSON_SUMMARY_KEYS, count_used, drop_undecodable, print_summary
+from vkd.summary import JSON_SUMMARY_KEYS, count_used, drop_undecodable, labelling, print_summary
 from vkd.tables import read_csv, read_mimic
 from vkd.text_tuning import UNK
 
@@ -172,6 +172,7 @@ def prepare_from(options):
     """prepare() from a dict holding DATA_OPTIONS (vars(args), a checkpoint's config), then
     --train-fraction."""
     collection = prepare(**{name: options[name] for name in DATA_OPTIONS if name in options})
+    collection.summary["labels_from"] = labelling(options)
     fraction, seed = options.get("train_fraction", 1.0), options.get("split_seed", 0)
     return keep_train_fraction(collection, fraction, seed)
 

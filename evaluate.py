@@ -28,6 +28,7 @@ from vkd.options import build_evaluate_parser
 from vkd.pictures import PlotError
 from vkd.reports import LABELS
 from vkd.runtime import read_checkpoint
+from vkd.summary import labelling
 
 # --------------------------------------------------------------------------------------- inference
 
@@ -85,6 +86,12 @@ def predict(model, images, tokens, indices, config, device, batch_size=256, num_
     return np.concatenate(probabilities), np.concatenate(stds)
 
 
+def evaluated_options(checkpoint, data_options=None):
+    """The data options of the collection evaluated: the checkpoint's, or those given instead."""
+    given = {name: value for name, value in (data_options or {}).items() if value is not None}
+    return checkpoint["config"] | given
+
+
 def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=False):
     """Rebuild a collection -> (images, tokens or None, labels (N, K), bootstrap groups (N,) and
     their unit, splits), K = the checkpoint's labels. Tokens are built for the `text` model (it
@@ -94,9 +101,7 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
     Data options (--data, --data-dir, ...) may name another collection: cross-dataset evaluation,
     e.g. a model trained on MIMIC-CXR tested on OpenI. Its labels are matched to the checkpoint's by
     name; a label the other collection lacks is NaN (not observed): every metric leaves it out."""
-    config = checkpoint["config"]
-    given = {name: value for name, value in (data_options or {}).items() if value is not None}
-    options = config | given
+    config, options = checkpoint["config"], evaluated_options(checkpoint, data_options)
     collection = data.prepare_from(options)
     images = data.image_cache(collection, config["image_size"], options["strict"])
     same_collection = all(options.get(name) == config.get(name)
@@ -122,16 +127,23 @@ def evaluate_checkpoint(path, split="test", device="cpu", num_samples=0, data_op
     p, _ = predict(model, images, tokens, indices, checkpoint["config"], device,
                    num_samples=num_samples)
     return Evaluated(labels[indices], p, groups[indices], unit,
-                     prediction_name(model.cfg.method, num_samples), checkpoint)
+                     prediction_name(model.cfg.method, num_samples), checkpoint,
+                     labelling(evaluated_options(checkpoint, data_options)))
 
 
 # ----------------------------------------------------------------------------------------- metrics
 
-def metrics_report(y, p, groups, num_resamples=1000, seed=0, label_names=LABELS, unit="reports"):
-    """Per-label, macro and micro AUROC and AUPRC with bootstrap intervals over the groups, whose
-    `unit` ("reports" or "patients") the result names (undefined -> None)."""
-    draws = bootstrap_draws(y, [p], groups, num_resamples, seed)[0]
-    return run_report(y, p, draws, label_names) | resampled(groups, unit)
+def metrics_report(y, p, groups, num_resamples=1000, seed=0, label_names=LABELS, unit="reports",
+                   options=None):
+    """Per-label AUROC and AUPRC, their macro mean, their mean over the five CheXpert competition
+    labels and their micro value, with bootstrap intervals over the groups (undefined -> None). The
+    result names the groups' `unit` ("reports" or "patients") and, given the collection's options,
+    where its labels come from (vkd/summary.py's labelling)."""
+    draws = bootstrap_draws(y, [p], groups, num_resamples, seed, label_names)[0]
+    report = run_report(y, p, draws, label_names) | resampled(groups, unit)
+    if options is not None:
+        report["labels_from"] = labelling(options)
+    return report
 
 
 def compare_checkpoints(paths, device="cpu", num_samples=0, num_resamples=1000, seed=0,
@@ -174,7 +186,8 @@ def single_run(args):
     p_val, _ = predict(model, images, tokens, val_idx, config, args.device,
                        num_samples=args.samples)
     result = metrics_report(labels[test_idx], p, groups[test_idx], args.bootstrap, args.seed,
-                            checkpoint["label_names"], unit)
+                            checkpoint["label_names"], unit,
+                            evaluated_options(checkpoint, data_options(args)))
     result["prediction"] = prediction_name(method, args.samples)
     uncertainty = None
     if method == "vkd":                # only VKD trains the prior's variance; `text` reads reports

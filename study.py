@@ -1,23 +1,29 @@
-"""The study: does the report help, and when? One command trains a grid of runs and writes
-docs/STUDY.md.
+"""The study: which way of using the report helps, and when? One command trains a grid of runs and
+writes its document.
 
-    python study.py                 # the whole grid (66 runs, about 21 minutes on a 2-core CPU),
-                                    # then docs/STUDY.md
-    python study.py --quick         # a reduced grid in about 2 minutes; the document goes into its
-                                    # --out folder
-    python study.py --report-only   # write the document from the runs that have finished
+    python study.py                   # the demo on a 2-core CPU, then docs/STUDY.md
+    python study.py --quick           # a reduced grid for a class; the document goes into --out
+    python study.py --data openi --data-dir DIR --plan gpu         # OpenI on one GPU
+    python study.py --data mimic --data-dir DIR --plan gpu --fractions 0.1 1.0 --seeds 0
+    python study.py --report-only     # write the document from the runs that have finished
 
+Other train.py data options (--csv FILE, --csv-labels, --mimic-labels, --uncertain, --views) are
+passed to every run. For a collection other than the demo the document goes into the --out folder.
 Runs that have finished (metrics.json) are skipped and interrupted ones resumed, so a study that was
 stopped continues where it was. The document and its pictures are written from the finished runs
 alone.
 
 The grid, fixed before any run (nothing is chosen by looking at test numbers):
-- the learning curve: image, vkd and text on a seeded 0.1, 0.25, 0.5 and 1.0 of the training reports
-  (--train-fraction: the same reports for every method and seed), seeds 0, 1, 2;
+- the learning curve: image, vkd, text, distill and contrastive on a seeded 0.1, 0.25, 0.5 and 1.0
+  of the training reports (--train-fraction: the same reports for every method and seed), seeds 0,
+  1, 2; each distill run learns from the text run of its fraction and seed, trained before it;
+- the controls: vkd and text with each training report's text replaced by another training
+  report's (--report-control shuffled: the statistics of reports, not their information) or by
+  nothing (blank), at every fraction and seed; validation and test keep their reports;
 - ablations of vkd at ABLATION_FRACTION (ABLATIONS), each against image and against vkd's defaults
   on the same seeds and bootstrap resamples, and the image baseline with the classifier of two of
   them (CONTROL);
-- every run the same collection, image size, epochs and batch (FULL["settings"]), with one thread.
+- every run the same collection and the plan's image size, epochs and batch (PLANS).
 Diagnostics of every vkd run, on validation: KL(q || p) per latent dimension and the active
 dimensions, the distance of the prior and posterior means, and the macro AUROC of the teacher
 f(mu_q(x, t)).
@@ -40,17 +46,32 @@ from tqdm import tqdm
 import data
 import evaluate
 import train
-from vkd.metrics import auroc_summary
 from model import gaussian_kl
 from vkd.compare import NOT_THE_METHOD, compare_runs, p_value
+from vkd.metrics import auroc_summary
 from vkd.pictures import PlotError, pyplot
 from vkd.runtime import cpu_name, write_text
+from vkd.summary import labelling_line
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("image", "vkd", "text")
-FULL = {"fractions": (0.1, 0.25, 0.5, 1.0), "seeds": (0, 1, 2),
-        "settings": ["--data", "demo", "--demo-reports", "1500", "--image-size", "64",
-                     "--epochs", "12", "--batch-size", "64"]}
+METHODS = ("image", "vkd", "text", "distill", "contrastive")
+# the ways to use a report that only training has, each against the image baseline
+WAYS = ("vkd", "distill", "contrastive")
+CONTROLS = ("shuffled", "blank")
+CONTROLLED = ("vkd", "text")
+PLANS = {
+    # Sized for a 2-core CPU: the compact CNN at 64 px.
+    "demo": {"fractions": (0.1, 0.25, 0.5, 1.0), "seeds": (0, 1, 2), "jobs": 2, "threads": 1,
+             "demo_reports": 1500,
+             "settings": ["--image-size", "64", "--epochs", "12", "--batch-size", "64"]},
+    # One GPU: densenet121 with ImageNet weights at 224 px, as the authors' encoder; fine-tuned
+    # at a lower peak learning rate than the compact CNN's. Not measured here (no GPU).
+    "gpu": {"fractions": (0.1, 0.25, 0.5, 1.0), "seeds": (0, 1, 2), "jobs": 1, "threads": None,
+            "demo_reports": 1500,
+            "settings": ["--backbone", "densenet121", "--backbone-weights", "imagenet",
+                         "--image-size", "224", "--epochs", "10", "--batch-size", "64",
+                         "--lr", "3e-4"]},
+}
 # Every run: a label with no positive report in a small fraction is trained anyway (and counts in
 # the test AUROC).
 COMMON = ["--allow-missing-labels"]
@@ -74,35 +95,59 @@ ABLATIONS = {                        # name -> (method, train.py flags that chan
     "image with f([z; h_x])": ("image", ["--classifier-input", "z+image"]),
 }
 CONTROL = "image with f([z; h_x])"
-QUICK = {"fractions": (0.25, 1.0), "seeds": (0,),
+# The reduced grid of --quick, on the demo: for a class.
+QUICK = {"fractions": (0.25, 1.0), "seeds": (0,), "jobs": 2, "threads": 1, "demo_reports": 400,
          "ablations": ("beta 1", "q(z|t)", "the authors' variant", CONTROL),
-         "settings": ["--data", "demo", "--demo-reports", "400", "--image-size", "32",
-                      "--epochs", "4", "--batch-size", "32"]}
+         "settings": ["--image-size", "32", "--epochs", "4", "--batch-size", "32"]}
 # the ablations' reference: vkd at ABLATION_FRACTION with no flag changed
 DEFAULTS = "vkd (defaults)"
 # nats: a latent dimension whose mean KL(q || p) is above this is active
 ACTIVE_KL = 0.01
+# the summaries every table reports: the macro mean over the labels evaluable in the split, and
+# the mean over the five CheXpert competition labels
+KEYS = {"macro_auroc": "macro AUROC", "chexpert5_auroc": "CheXpert 5 mean AUROC",
+        "macro_auprc": "macro AUPRC"}
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="the reduced grid (default: the whole grid)")
-    parser.add_argument("--out", default=None,
-                        help="run folders (default: runs/study, or runs/study-quick)")
-    parser.add_argument("--doc", default=None,
-                        help="the document (default: docs/STUDY.md, or <out>/STUDY.md)")
-    parser.add_argument("--data-dir", default="data",
-                        help="where the demo collection lives (default: data)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default: 2)")
-    parser.add_argument("--threads", type=int, default=1, help="threads per run (default: 1)")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="bootstrap resamples (default: 1000)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing; write the document (default: off)")
-    args = parser.parse_args(argv)
-    args.out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
-    args.doc = Path(args.doc or (args.out / "STUDY.md" if args.quick else "docs/STUDY.md"))
+    add = parser.add_argument
+    add("--data", default="demo", choices=["demo", "openi", "mimic", "csv"],
+        help="the collection (default: demo); its own options come from config/collections.py")
+    add("--data-dir", default="data", help="where the collection lives (default: data)")
+    add("--plan", default="demo", choices=list(PLANS),
+        help="demo: sized for a 2-core CPU; gpu: a pretrained densenet121 at 224 px on one GPU "
+             "(default: demo)")
+    add("--quick", action="store_true", help="the reduced grid, on the demo (default: off)")
+    add("--fractions", type=float, nargs="+", default=None,
+        help="narrow the training fractions (default: the plan's)")
+    add("--seeds", type=int, nargs="+", default=None, help="narrow the seeds (default: the plan's)")
+    add("--out", default=None,
+        help="run folders (default: runs/study, runs/study-quick or runs/study-DATA-PLAN)")
+    add("--doc", default=None,
+        help="the document (default: docs/STUDY.md for the demo plan, else <out>/STUDY.md)")
+    add("--jobs", type=int, default=None, help="runs side by side (default: the plan's, 2 or 1)")
+    add("--threads", type=int, default=None,
+        help="threads per run (default: the plan's: 1 on the CPU, torch's own on a GPU)")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    add("--report-only", action="store_true",
+        help="train nothing; write the document (default: off)")
+    args, args.data_flags = parser.parse_known_args(argv)
+    if args.quick and (args.data != "demo" or args.plan != "demo"):
+        parser.error("--quick is the reduced grid on the demo: give it without --data and --plan")
+    if args.data == "demo" and args.data_flags:
+        parser.error(f"unrecognized arguments: {' '.join(args.data_flags)}")
+    args.plan_of = dict(QUICK if args.quick else PLANS[args.plan])
+    for name in ("fractions", "seeds"):
+        args.plan_of[name] = tuple(getattr(args, name) or args.plan_of[name])
+    args.jobs = args.jobs or args.plan_of["jobs"]
+    args.threads = args.threads or args.plan_of["threads"]
+    default_out = ("runs/study-quick" if args.quick else "runs/study"
+                   if (args.data, args.plan) == ("demo", "demo") else
+                   f"runs/study-{args.data}-{args.plan}")
+    args.out = Path(args.out or default_out)
+    in_docs = (args.data, args.plan, args.quick) == ("demo", "demo", False)
+    args.doc = Path(args.doc or ("docs/STUDY.md" if in_docs else args.out / "STUDY.md"))
     return args
 
 
@@ -112,27 +157,43 @@ def slug(name):
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
 
 
-def grid(quick):
-    """-> ({run name: train.py flags}, learning curve {fraction: {method: [run names]}}, ablations
-    {name: [runs]})."""
-    plan = QUICK if quick else FULL
-    seeds, common = plan["seeds"], plan["settings"] + COMMON
-    runs, curve, ablations = {}, {}, {}
+def collection_flags(args):
+    """The train.py flags of the collection: the demo's size, or --data with its own options."""
+    if args.data == "demo":
+        return ["--data", "demo", "--demo-reports", str(args.plan_of["demo_reports"])]
+    return ["--data", args.data, *args.data_flags]
+
+
+def grid(args):
+    """-> ({run name: train.py flags}, learning curve {fraction: {method: [run names]}}, controls
+    {(method, control): {fraction: [run names]}}, ablations {name: [runs]}). Ablations need
+    ABLATION_FRACTION among the fractions (their baselines are its curve's runs)."""
+    plan, out = args.plan_of, args.out
+    seeds, common = plan["seeds"], collection_flags(args) + plan["settings"] + COMMON
+    runs, curve, controls, ablations = {}, {}, {}, {}
+
+    def add(name, method, fraction, seed, flags=()):
+        runs[name] = common + ["--method", method, "--train-fraction", str(fraction),
+                               "--seed", str(seed), *flags]
+        if method == "distill":            # its teacher: the text run of its fraction and seed
+            runs[name] += ["--teacher", str(out / f"f{fraction}-text-seed{seed}" / "best.pt")]
+        return name
+
     for fraction in plan["fractions"]:
-        curve[fraction] = {}
-        for method in METHODS:
-            curve[fraction][method] = [f"f{fraction}-{method}-seed{seed}" for seed in seeds]
-            for name, seed in zip(curve[fraction][method], seeds):
-                runs[name] = common + ["--method", method, "--train-fraction", str(fraction),
-                                       "--seed", str(seed)]
-    for ablation in plan.get("ablations", ABLATIONS):
-        method, flags = ABLATIONS[ablation]
-        ablations[ablation] = [f"f{ABLATION_FRACTION}-{method}-{slug(ablation)}-seed{seed}"
-                               for seed in seeds]
-        for name, seed in zip(ablations[ablation], seeds):
-            runs[name] = common + ["--method", method, "--train-fraction", str(ABLATION_FRACTION),
-                                   "--seed", str(seed), *flags]
-    return runs, curve, ablations
+        curve[fraction] = {method: [add(f"f{fraction}-{method}-seed{seed}", method, fraction, seed)
+                                    for seed in seeds] for method in METHODS}
+        for method in CONTROLLED:
+            for control in CONTROLS:
+                controls.setdefault((method, control), {})[fraction] = [
+                    add(f"f{fraction}-{method}-{control}-seed{seed}", method, fraction, seed,
+                        ["--report-control", control]) for seed in seeds]
+    if ABLATION_FRACTION in plan["fractions"]:
+        for ablation in plan.get("ablations", ABLATIONS):
+            method, flags = ABLATIONS[ablation]
+            ablations[ablation] = [
+                add(f"f{ABLATION_FRACTION}-{method}-{slug(ablation)}-seed{seed}", method,
+                    ABLATION_FRACTION, seed, flags) for seed in seeds]
+    return runs, curve, controls, ablations
 
 
 def finished(out, name):
@@ -141,8 +202,10 @@ def finished(out, name):
 
 def check_plan(runs, args):
     """Stop when a run folder was trained with other options than the plan says (an older grid,
-    another --out): its numbers would be reported under the wrong heading."""
+    another --out): its numbers would be reported under the wrong heading. A plan whose flags
+    train.py refuses stops here, before any run."""
     for name, flags in runs.items():
+        planned = vars(train.get_args(flags + ["--out", str(args.out / name)]))
         record = args.out / name / "run.json"
         if not record.exists():
             continue
@@ -151,7 +214,6 @@ def check_plan(runs, args):
         except (ValueError, KeyError) as error:
             sys.exit(f"error: {record} cannot be read ({error!r}); delete {record.parent} to train "
                      f"that run again")
-        planned = vars(train.get_args(flags + ["--out", str(args.out / name)]))
         wrong = {key: (config.get(key), value) for key, value in planned.items()
                  if key not in NOT_THE_METHOD and value is not None and config.get(key) != value}
         if wrong:
@@ -161,16 +223,18 @@ def check_plan(runs, args):
 
 
 def train_all(runs, args):
-    """Train every unfinished run (resuming an interrupted one), --jobs at a time -> names of the
-    failed runs."""
+    """Train every unfinished run (resuming an interrupted one), --jobs at a time, the distill runs
+    after their teachers -> names of the failed runs."""
     todo = [name for name in runs if not finished(args.out, name)]
     # longest first
     todo.sort(key=lambda name: -float(runs[name][runs[name].index("--train-fraction") + 1]))
+    threads_each = args.threads or "torch's default"
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished before; training {len(todo)}, "
-          f"{args.jobs} side by side with {args.threads} thread(s) each; logs in "
-          f"{args.out}/<run>/train.log")
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads),
-                        "MKL_NUM_THREADS": str(args.threads)}
+          f"{args.jobs} side by side with {threads_each} thread(s) each; "
+          f"logs in {args.out}/<run>/train.log")
+    threads = {} if args.threads is None else {"OMP_NUM_THREADS": str(args.threads),
+                                               "MKL_NUM_THREADS": str(args.threads)}
+    env = os.environ | threads
 
     def train_one(name):
         folder = args.out / name
@@ -182,19 +246,24 @@ def train_all(runs, args):
             return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
     failed = []
+    students = [name for name in todo if "--teacher" in runs[name]]
+    progress = tqdm(total=len(todo), desc="study", unit="run")
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(train_one, name): name for name in todo}
         try:
-            for future in tqdm(as_completed(futures), total=len(todo), desc="study", unit="run"):
-                if future.result() != 0:
-                    failed.append(futures[future])
-                    tqdm.write(f"run {futures[future]} failed: see "
-                               f"{args.out / futures[future] / 'train.log'}")
+            for wave in ([name for name in todo if name not in students], students):
+                futures = {pool.submit(train_one, name): name for name in wave}
+                for future in as_completed(futures):
+                    progress.update()
+                    if future.result() != 0:
+                        failed.append(futures[future])
+                        tqdm.write(f"run {futures[future]} failed: see "
+                                   f"{args.out / futures[future] / 'train.log'}")
         # Ctrl-C reached the runs too: each saved its last.pt at the exact step
         except KeyboardInterrupt:
             pool.shutdown(cancel_futures=True)
             sys.exit("\nstudy interrupted; the same command continues it (finished runs are kept, "
                      "others resumed)")
+    progress.close()
     return failed
 
 
@@ -280,13 +349,25 @@ def verdict(method, key):
 # ----------------------------------------------------------------------------------------- document
 
 def curve_rows(curve, evaluated, args):
-    """-> {fraction: compare_runs result of image, vkd and text at that fraction} for the finished
-    fractions."""
+    """-> {fraction: compare_runs result of the five methods at that fraction, image first} for
+    the finished fractions."""
     rows = {}
     for fraction, methods in curve.items():
         result = compare([name for method in METHODS for name in methods[method]], evaluated, args)
         if result is not None:
             rows[fraction] = result
+    return rows
+
+
+def control_rows(curve, controls, evaluated, args):
+    """-> {(method, control): {fraction: the method with real reports, as a method of a paired
+    comparison with the control first (its difference: real − control)}}."""
+    rows = {}
+    for (method, control), fractions in controls.items():
+        for fraction, names in fractions.items():
+            result = compare(names + curve[fraction][method], evaluated, args)
+            if result is not None:
+                rows.setdefault((method, control), {})[fraction] = result["methods"][1]
     return rows
 
 
@@ -306,7 +387,7 @@ def ablation_rows(curve, ablations, evaluated, args):
             for i, setting in enumerate(done)}
 
 
-def control_rows(ablations, evaluated, args):
+def classifier_rows(ablations, evaluated, args):
     """-> {setting: its result against CONTROL} for the settings whose classifier reads [z; h_x]: is
     their gain the report's, or the classifier's?"""
     settings = [setting for setting in ("f([z; h_x])", "the authors' variant")
@@ -318,39 +399,64 @@ def control_rows(ablations, evaluated, args):
     return {} if result is None else dict(zip(settings, result["methods"][1:]))
 
 
-def findings(curve_results, ablations, controls, diagnosed, resamples):
+def by_fraction(methods, key, resamples):
+    """'0.1: +0.010 [+0.002, +0.017], p = 0.008 (above); 0.25: ...' over {fraction: method}."""
+    return "; ".join(f"{fraction}: {difference(method, key, resamples)} ({verdict(method, key)})"
+                     for fraction, method in methods.items())
+
+
+def findings(results, resamples):
     """The reading of the results, from the intervals alone: a difference whose 95% interval
     excludes 0 is above or below; any other is within noise."""
+    curve, controls = results["curve"], results["controls"]
     lines = []
-    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
-        parts = [f"{fraction}: {difference(result['methods'][1], key, resamples)} "
-                 f"({verdict(result['methods'][1], key)})"
-                 for fraction, result in curve_results.items()]
-        lines.append(f"- **vkd − image, {metric}**, by training fraction: " + "; ".join(parts)
-                     + ".")
-    parts = [f"{fraction}: {difference(result['methods'][2], 'macro_auroc', resamples)}"
-             for fraction, result in curve_results.items()]
+    for way in WAYS:
+        at = {fraction: result["methods"][METHODS.index(way)] for fraction, result in curve.items()}
+        for key in ("macro_auroc", "chexpert5_auroc"):
+            lines.append(f"- **{way} − image, {KEYS[key]}**, by training fraction: "
+                         f"{by_fraction(at, key, resamples)}.")
+    for (method, control), at in controls.items():
+        lines.append(f"- **{method} − {method} trained on {control} reports, macro AUROC**, by "
+                     f"training fraction: {by_fraction(at, 'macro_auroc', resamples)}.")
+    text = {fraction: result["methods"][METHODS.index("text")]
+            for fraction, result in curve.items()}
     lines.append("- **What the teacher could pass on**: text − image (text reads the report also "
-                 "at test time), macro AUROC, by training fraction: " + "; ".join(parts) + ".")
+                 f"at test time), macro AUROC, by training fraction: "
+                 f"{by_fraction(text, 'macro_auroc', resamples)}.")
+    lines += ablation_findings(results, resamples)
+    ablations = results["ablations"].values()
+    intervals = ((2 * len(WAYS) + 1) * len(curve) + sum(len(at) for at in controls.values())
+                 + sum(2 * sum(part is not None for part in pair) for pair in ablations)
+                 + 2 * len(results["classifier"]))
+    lines.append(f"- **How sure**: {intervals} intervals are read here, each at 95% and none "
+                 "corrected for the others: a few of them excluding 0 by chance is expected. The "
+                 "intervals resample the test set's bootstrap units (above); the ± after a mean is "
+                 "its std over seeds (training noise).")
+    return lines
+
+
+def ablation_findings(results, resamples):
+    """The ablations, the classifier's control and the active dimensions, as findings lines."""
+    ablations, classifier, diagnosed = (results["ablations"], results["classifier"],
+                                        results["diagnosed"])
+    lines = []
     for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
         for against, which in (("image", 0), (DEFAULTS, 1)):
             groups = {}
             for setting, pair in ablations.items():
                 if pair[which] is not None:
                     groups.setdefault(verdict(pair[which], key), []).append(setting)
-            lines.append(f"- **Ablations against {against} at fraction {ABLATION_FRACTION}, "
-                         f"{metric}**: "
-                         + "; ".join(f"{kind}: {', '.join(settings)}"
+            if groups:
+                verdicts = "; ".join(f"{kind}: {', '.join(settings)}"
                                      for kind, settings in sorted(groups.items()))
-                         + ".")
-    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
-        if controls:
+                lines.append(f"- **Ablations against {against} at fraction {ABLATION_FRACTION}, "
+                             f"{metric}**: {verdicts}.")
+        if classifier:
+            verdicts = "; ".join(f"{setting}: {difference(method, key, resamples)} "
+                                 f"({verdict(method, key)})"
+                                 for setting, method in classifier.items())
             lines.append(f"- **Against the image baseline with the same classifier** ({CONTROL}), "
-                         f"{metric}: "
-                         + "; ".join(f"{setting}: {difference(method, key, resamples)} "
-                                     f"({verdict(method, key)})"
-                                     for setting, method in controls.items())
-                         + ".")
+                         f"{metric}: {verdicts}.")
     if diagnosed:
         active = {setting: np.mean([d["active_dims"] for d in ds])
                   for setting, ds in diagnosed.items()}
@@ -360,51 +466,57 @@ def findings(curve_results, ablations, controls, diagnosed, resamples):
                      f"validation, mean over seeds): from {active[low]:.1f} ({low}) to "
                      f"{active[high]:.1f} ({high}); the posterior collapsed onto the prior (no "
                      f"active dimension) in: {', '.join(collapsed) or 'none'}.")
-    intervals = 3 * len(curve_results) \
-        + sum(2 * sum(part is not None for part in pair) for pair in ablations.values()) \
-        + 2 * len(controls)
-    lines.append(f"- **How sure**: {intervals} intervals "
-                 "are read here, each at 95% and none corrected for the others: one or two of them "
-                 "excluding 0 by chance is expected. The intervals resample the test reports; the "
-                 "± after a mean is its std over seeds (training noise).")
     return lines
 
 
-def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
-    resamples = args.bootstrap
-    curve_results = curve_rows(curve, evaluated, args)
-    ablation_results = ablation_rows(curve, ablations, evaluated, args)
-    controls = control_rows(ablations, evaluated, args)
-    first = next(iter(curve_results.values()), None)
-    lines = ["# Does the report help, and when?", "", *header, ""]
-    if first is not None:
-        lines += [f"Test split: {first['num_images']} images; 95% intervals: bootstrap over "
-                  f"{first['num_bootstrap_units']} {first['bootstrap_unit']} ({resamples} "
-                  f"resamples), the seed mean of each method on the same resamples for every "
-                  f"comparison; p: two-sided, for no difference.", ""]
-    lines += ["## What it found", "",
-              *findings(curve_results, ablation_results, controls, diagnosed, resamples), "",
-              pictures(args, curve_results, ablation_results, diagnosed), ""]
-    for key, metric in (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC")):
+def curve_tables(curve, results, args):
+    lines = []
+    for key, metric in KEYS.items():
         lines += [f"## The learning curve: test {metric}", "",
-                  "| training fraction | training reports | image | vkd | text | vkd − image |",
-                  "|---|---|---|---|---|---|"]
-        for fraction, result in curve_results.items():
-            reports = json.loads((args.out / curve[fraction]["image"][0] / "run.json").read_text())
-            image, vkd, text = result["methods"]
-            lines.append(f"| {fraction} | {reports['data']['splits']['train']} | "
-                         f"{estimate(image, key)} | {estimate(vkd, key)} | {estimate(text, key)} | "
-                         f"{difference(vkd, key, resamples)} |")
+                  "| training fraction | training reports | " + " | ".join(METHODS) + " | "
+                  + " | ".join(f"{way} − image" for way in WAYS) + " |",
+                  "|---|---|" + "---|" * (len(METHODS) + len(WAYS))]
+        for fraction, result in results["curve"].items():
+            record = json.loads((args.out / curve[fraction]["image"][0] / "run.json").read_text())
+            methods = result["methods"]
+            lines.append(f"| {fraction} | {record['data']['splits']['train']} | "
+                         + " | ".join(estimate(m, key) for m in methods) + " | "
+                         + " | ".join(difference(methods[METHODS.index(way)], key, args.bootstrap)
+                                      for way in WAYS) + " |")
         lines.append("")
-    lines += [f"## Ablations at training fraction {ABLATION_FRACTION}", "",
-              "Each setting against image and against vkd with its defaults, on the same seeds and "
-              "resamples. The authors' variant turns on all of their switches (`--preset authors`: "
-              "q(z|t), f([z; h_x]), KL(p||q), a cyclical beta, 100 samples averaged) and keeps "
-              "everything else here (the compact CNN, beta 0.1).", "",
-              "| setting | train.py flags | macro AUROC | − image | − vkd (defaults) | macro AUPRC "
-              "| − image | − vkd (defaults) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for setting, (against_image, against_defaults) in ablation_results.items():
+    return lines
+
+
+def control_tables(results, args):
+    lines = ["## The controls: the same method trained on shuffled or blank reports", "",
+             "Each method with the real training reports against itself trained on another "
+             "training report's text (shuffled: the statistics of reports without their "
+             "information) or on an empty text (blank); validation and test keep their reports. "
+             "A difference above 0 is what the report's information adds.", ""]
+    for key in ("macro_auroc", "chexpert5_auroc"):
+        columns = [f"real − control, {KEYS[key]}, fraction {fraction}"
+                   for fraction in results["curve"]]
+        lines += ["| method | control | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---|" * len(results["curve"])]
+        for (method, control), at in results["controls"].items():
+            lines.append(f"| {method} | {control} | " + " | ".join(
+                difference(at[fraction], key, args.bootstrap) if fraction in at else "–"
+                for fraction in results["curve"]) + " |")
+        lines.append("")
+    return lines
+
+
+def ablation_tables(results, args):
+    resamples = args.bootstrap
+    lines = [f"## Ablations at training fraction {ABLATION_FRACTION}", "",
+             "Each setting against image and against vkd with its defaults, on the same seeds and "
+             "resamples. The authors' variant turns on all of their switches (`--preset authors`: "
+             "q(z|t), f([z; h_x]), KL(p||q), a cyclical beta, 100 samples averaged) and keeps "
+             "everything else here (the plan's encoder, beta 0.1).", "",
+             "| setting | train.py flags | macro AUROC | − image | − vkd (defaults) | macro AUPRC "
+             "| − image | − vkd (defaults) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for setting, (against_image, against_defaults) in results["ablations"].items():
         method, flags = ABLATIONS.get(setting, ("vkd", []))
         flags = " ".join((["--method", method] if method != "vkd" else []) + flags) or "(defaults)"
         row = [cell(setting), f"`{flags}`"]
@@ -413,25 +525,52 @@ def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
                     difference(against_image, key, resamples) if against_image else "–",
                     difference(against_defaults, key, resamples) if against_defaults else "–"]
         lines.append("| " + " | ".join(row) + " |")
-    if controls:
+    if results["classifier"]:
         lines += ["", f"Against the image baseline with the same classifier ({cell(CONTROL)}):", "",
                   "| setting | − that baseline, macro AUROC | − that baseline, macro AUPRC |",
                   "|---|---|---|"]
         lines += [f"| {cell(setting)} | {difference(method, 'macro_auroc', resamples)} | "
                   f"{difference(method, 'macro_auprc', resamples)} |"
-                  for setting, method in controls.items()]
-    lines += ["", "## Diagnostics (validation split, mean ± std over seeds)", "",
-              "KL(q || p) in nats, summed over the latent dimensions whatever direction the run "
-              f"trained with; active: dimensions whose mean KL is above {ACTIVE_KL}; distance: "
-              "mean |mu_q − mu_p|; teacher: macro AUROC of f(mu_q(x, t)), which reads the "
-              "report.", "",
-              "| setting | teacher macro AUROC | KL(q ‖ p) | active dimensions | distance |",
-              "|---|---|---|---|---|"]
+                  for setting, method in results["classifier"].items()]
+    return lines + [""]
+
+
+def diagnostics_table(diagnosed):
+    lines = ["## Diagnostics (validation split, mean ± std over seeds)", "",
+             "KL(q || p) in nats, summed over the latent dimensions whatever direction the run "
+             f"trained with; active: dimensions whose mean KL is above {ACTIVE_KL}; distance: "
+             "mean |mu_q − mu_p|; teacher: macro AUROC of f(mu_q(x, t)), which reads the "
+             "report.", "",
+             "| setting | teacher macro AUROC | KL(q ‖ p) | active dimensions | distance |",
+             "|---|---|---|---|---|"]
     for setting, ds in diagnosed.items():
         lines.append(f"| {cell(setting)} | {seed_mean([d['teacher_auroc'] for d in ds])} | "
                      f"{seed_mean([d['kl'] for d in ds])} | "
                      f"{seed_mean([d['active_dims'] for d in ds])} of {len(ds[0]['kl_per_dim'])} | "
                      f"{seed_mean([d['distance'] for d in ds])} |")
+    return lines
+
+
+def write_document(args, grids, evaluated, diagnosed, header):
+    runs, curve, controls, ablations = grids
+    results = {"curve": curve_rows(curve, evaluated, args),
+               "controls": control_rows(curve, controls, evaluated, args),
+               "ablations": ablation_rows(curve, ablations, evaluated, args),
+               "classifier": classifier_rows(ablations, evaluated, args), "diagnosed": diagnosed}
+    first = next(iter(results["curve"].values()), None)
+    lines = ["# Which way of using the report helps, and when?", "", *header, ""]
+    if first is not None:
+        lines += [f"Test split: {first['num_images']} images; 95% intervals: bootstrap over "
+                  f"{first['num_bootstrap_units']} {first['bootstrap_unit']} ({args.bootstrap} "
+                  f"resamples), the seed mean of each method on the same resamples for every "
+                  f"comparison; p: two-sided, for no difference. The macro mean averages the "
+                  f"labels evaluable in the test split; the CheXpert 5 mean the five competition "
+                  f"labels (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion).",
+                  "", labelling_line(first["labels_from"], first["bootstrap_unit"]) + ".", ""]
+    lines += ["## What it found", "", *findings(results, args.bootstrap), "",
+              pictures(args, results), "", *curve_tables(curve, results, args),
+              *control_tables(results, args), *ablation_tables(results, args),
+              *diagnostics_table(diagnosed)]
     missing = [name for name in runs if name not in evaluated]
     if missing:
         lines += ["", f"Not finished, left out: {', '.join(missing)}."]
@@ -439,61 +578,94 @@ def write_document(args, runs, curve, ablations, evaluated, diagnosed, header):
     write_text(args.doc, "\n".join(lines) + "\n")
 
 
-def pictures(args, curve_results, ablation_results, diagnosed):
-    """docs/study/*.png (matplotlib, an optional extra) -> the Markdown that shows them."""
+def errorbars(ax, x, stats, **style):
+    """Points at x with their 95% intervals; stats: [{"mean" or "value", "ci95"}, ...]."""
+    value = np.array([s.get("mean", s.get("value")) for s in stats], dtype=float)
+    ci = np.array([s["ci95"] if s["ci95"] else [np.nan, np.nan] for s in stats], dtype=float)
+    ax.errorbar(x, value, yerr=np.abs(ci.T - value), marker="o", capsize=3, **style)
+
+
+def curve_picture(plt, results, path):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fractions = list(results["curve"])
+    for ax, key in zip(axes, ("macro_auroc", "chexpert5_auroc")):
+        for i, method in enumerate(METHODS):
+            errorbars(ax, fractions, [r["methods"][i][key] for r in results["curve"].values()],
+                      label=method)
+        ax.set(xscale="log", xlabel="training fraction", ylabel=f"test {KEYS[key]}",
+               title=KEYS[key])
+        ax.legend(fontsize=8)
+    for way in WAYS:
+        errorbars(axes[2], fractions, [r["methods"][METHODS.index(way)]["difference"]["macro_auroc"]
+                                       for r in results["curve"].values()], label=way)
+    axes[2].axhline(0, color="gray", lw=1)
+    axes[2].set(xscale="log", xlabel="training fraction", ylabel="− image, test macro AUROC",
+                title="each way − image (95% interval)")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def controls_picture(plt, results, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (method, control), at in results["controls"].items():
+        errorbars(ax, list(at), [m["difference"]["macro_auroc"] for m in at.values()],
+                  label=f"{method} − {method} on {control} reports")
+    ax.axhline(0, color="gray", lw=1)
+    ax.set(xscale="log", xlabel="training fraction", ylabel="real − control, test macro AUROC",
+           title="what the report's information adds (95% interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def ablations_picture(plt, results, path):
+    ablations = results["ablations"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(ablations) + 1.5))
+    names = [name for name in ablations if ablations[name][0] is not None][::-1]
+    for ax, key in zip(axes, ("macro_auroc", "macro_auprc")):
+        diffs = [ablations[name][0]["difference"][key] for name in names]
+        value = np.array([d["value"] for d in diffs], dtype=float)
+        error = np.abs(np.array([d["ci95"] for d in diffs], dtype=float).T - value)
+        ax.errorbar(value, range(len(names)), xerr=error, fmt="o", capsize=3)
+        ax.axvline(0, color="gray", lw=1)
+        ax.set(yticks=range(len(names)), yticklabels=names,
+               xlabel=f"setting − image, test {KEYS[key]}")
+    defaults = f"vkd, fraction {ABLATION_FRACTION}"
+    for setting, ds in results["diagnosed"].items():
+        if setting in ablations or setting == defaults:
+            kl = np.sort(np.mean([d["kl_per_dim"] for d in ds], axis=0))[::-1]
+            axes[2].plot(np.maximum(kl, 1e-4), label=setting.replace(defaults, DEFAULTS))
+    axes[2].axhline(ACTIVE_KL, color="gray", lw=1, ls="--")
+    axes[2].set(yscale="log", xlabel="latent dimension (sorted)", ylabel="KL(q || p), validation",
+                title=f"fraction {ABLATION_FRACTION}")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pictures(args, results):
+    """<doc folder>/study/*.png (matplotlib, an optional extra) -> the Markdown that shows them."""
     try:
         plt = pyplot()
     except PlotError as error:
         return f"(No pictures: {error}.)"
     folder = args.doc.parent / "study"
     folder.mkdir(parents=True, exist_ok=True)
-    keys = (("macro_auroc", "macro AUROC"), ("macro_auprc", "macro AUPRC"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    fractions = list(curve_results)
-    for ax, (key, metric) in zip(axes, keys):
-        for i, method in enumerate(METHODS):
-            stats = [result["methods"][i][key] for result in curve_results.values()]
-            mean = np.array([s["mean"] for s in stats], dtype=float)
-            error = np.abs(np.array([s["ci95"] for s in stats], dtype=float).T - mean)
-            ax.errorbar(fractions, mean, yerr=error, marker="o", capsize=3, label=method)
-        ax.set(xscale="log", xlabel="training fraction", ylabel=f"test {metric}", title=metric)
-        ax.legend()
-    for key, metric in keys:
-        diffs = [result["methods"][1]["difference"][key] for result in curve_results.values()]
-        value = np.array([d["value"] for d in diffs], dtype=float)
-        error = np.abs(np.array([d["ci95"] for d in diffs], dtype=float).T - value)
-        axes[2].errorbar(fractions, value, yerr=error, marker="o", capsize=3, label=metric)
-    axes[2].axhline(0, color="gray", lw=1)
-    axes[2].set(xscale="log", xlabel="training fraction", ylabel="vkd − image",
-                title="vkd − image (95% interval)")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(folder / "learning-curve.png", dpi=100)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(ablation_results) + 1.5))
-    names = [name for name in ablation_results if ablation_results[name][0] is not None][::-1]
-    for ax, (key, metric) in zip(axes, keys):
-        diffs = [ablation_results[name][0]["difference"][key] for name in names]
-        value = np.array([d["value"] for d in diffs], dtype=float)
-        error = np.abs(np.array([d["ci95"] for d in diffs], dtype=float).T - value)
-        ax.errorbar(value, range(len(names)), xerr=error, fmt="o", capsize=3)
-        ax.axvline(0, color="gray", lw=1)
-        ax.set(yticks=range(len(names)), yticklabels=names,
-               xlabel=f"setting − image, test {metric}")
-    for setting, ds in diagnosed.items():
-        if setting in ablation_results or setting == f"vkd, fraction {ABLATION_FRACTION}":
-            kl = np.sort(np.mean([d["kl_per_dim"] for d in ds], axis=0))[::-1]
-            axes[2].plot(np.maximum(kl, 1e-4),
-                         label=setting.replace(f"vkd, fraction {ABLATION_FRACTION}", DEFAULTS))
-    axes[2].axhline(ACTIVE_KL, color="gray", lw=1, ls="--")
-    axes[2].set(yscale="log", xlabel="latent dimension (sorted)", ylabel="KL(q || p), validation",
-                title=f"fraction {ABLATION_FRACTION}")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "ablations.png", dpi=100)
-    plt.close(fig)
-    return ("![learning curve](study/learning-curve.png)\n\n"
-            "![ablations and KL per latent dimension](study/ablations.png)")
+    shown = []
+    if results["curve"]:
+        curve_picture(plt, results, folder / "learning-curve.png")
+        shown.append("![the learning curve of the five methods](study/learning-curve.png)")
+    if results["controls"]:
+        controls_picture(plt, results, folder / "controls.png")
+        shown.append("![each method against its controls](study/controls.png)")
+    if any(pair[0] is not None for pair in results["ablations"].values()):
+        ablations_picture(plt, results, folder / "ablations.png")
+        shown.append("![ablations and KL per latent dimension](study/ablations.png)")
+    return "\n\n".join(shown)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -506,17 +678,66 @@ def main(argv=None):
         sys.exit(f"error: {error}")
 
 
+def prepare_once(runs, args):
+    """Read the collection and build its image cache once (downloading OpenI if needed), so that
+    the runs then read it side by side."""
+    print("preparing the collection once (the runs then read it side by side)")
+    options = vars(train.get_args(next(iter(runs.values())) + ["--data-dir", str(args.data_dir)]))
+    collection = data.prepare_from(options)
+    data.image_cache(collection, options["image_size"], options["strict"])
+
+
+def diagnose(grids, evaluated, args):
+    """The diagnostics of every finished vkd run -> {setting: [one dict per seed]}."""
+    _, curve, controls, ablations = grids
+    settings = {f"vkd, fraction {f}": methods["vkd"] for f, methods in curve.items()}
+    settings |= {f"vkd on {control} reports, fraction {f}": names
+                 for (method, control), fractions in controls.items() if method == "vkd"
+                 for f, names in fractions.items()}
+    settings |= {setting: names for setting, names in ablations.items()
+                 if ABLATIONS[setting][0] == "vkd"}
+    diagnosed = {}
+    for setting, names in settings.items():
+        ds = [diagnostics(args.out / name / "best.pt") for name in names if name in evaluated]
+        if ds:
+            diagnosed[setting] = ds
+    return diagnosed
+
+
+def header_lines(args, done, start):
+    plan = args.plan_of
+    epochs_s = sum(json.loads(line)["epoch_s"] for name in done
+                   for line in (args.out / name / "log.jsonl").open())
+    span_s = ((max((args.out / name / "metrics.json").stat().st_mtime for name in done)
+               - min((args.out / name / "splits.json").stat().st_mtime for name in done))
+              if done else 0)
+    command = " ".join(["python study.py", *(["--quick"] if args.quick else []),
+                        *([] if args.data == "demo" else ["--data", args.data]),
+                        *([] if args.plan == "demo" else ["--plan", args.plan])])
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available() else
+              f"{cpu_name()}, {os.cpu_count()} cores")
+    threads = args.threads or "torch's default"
+    return [f"Written by `{command}` from the runs in `{args.out}`; rerun it to check every "
+            "number (finished runs are reused).", "",
+            f"- machine: {device}, torch {torch.__version__}, {platform.system()}; {args.jobs} "
+            f"run(s) side by side, {threads} thread(s) each",
+            f"- time: the {len(done)} runs trained in {span_s / 60:.0f} min, from the first "
+            f"start to the last end (their epochs add up to {epochs_s / 60:.0f} min); this "
+            f"command took {(time.time() - start) / 60:.0f} min (evaluation, diagnostics, this "
+            f"document, and the runs it trained)",
+            f"- every run: `python train.py {' '.join(collection_flags(args) + plan['settings'])} "
+            f"{' '.join(COMMON)} --method M --train-fraction F --seed S`; seeds "
+            f"{', '.join(map(str, plan['seeds']))}; distill adds `--teacher` the text run of its "
+            f"fraction and seed, a control `--report-control shuffled` or `blank`"]
+
+
 def study(args):
     start = time.time()
-    runs, curve, ablations = grid(args.quick)
-    plan = QUICK if args.quick else FULL
+    grids = grid(args)
+    runs = grids[0]
     check_plan(runs, args)
     if not args.report_only:
-        settings = dict(zip(plan["settings"][::2], plan["settings"][1::2]))
-        print("preparing the collection once (the runs then read it side by side)")
-        collection = data.prepare("demo", args.data_dir,
-                                  demo_reports=int(settings["--demo-reports"]))
-        data.image_cache(collection, int(settings["--image-size"]))
+        prepare_once(runs, args)
         failed = train_all(runs, args)
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; the document leaves them out",
@@ -524,32 +745,10 @@ def study(args):
     done = [name for name in runs if finished(args.out, name)]
     print(f"evaluating {len(done)} finished runs on the test split, and the vkd runs' "
           f"diagnostics on validation")
-    evaluated, diagnosed = {}, {}
-    for name in tqdm(done, desc="evaluate", unit="run"):
-        evaluated[name] = evaluate.evaluate_checkpoint(args.out / name / "best.pt")
-    with_report = {setting: names for setting, names in ablations.items()
-                   if ABLATIONS[setting][0] == "vkd"}
-    for setting, names in {**{f"vkd, fraction {f}": m["vkd"] for f, m in curve.items()},
-                           **with_report}.items():
-        ds = [diagnostics(args.out / name / "best.pt") for name in names if name in evaluated]
-        if ds:
-            diagnosed[setting] = ds
-    epochs_s = sum(json.loads(line)["epoch_s"] for name in done
-                   for line in (args.out / name / "log.jsonl").open())
-    span_s = ((max((args.out / name / "metrics.json").stat().st_mtime for name in done)
-               - min((args.out / name / "splits.json").stat().st_mtime for name in done))
-              if done else 0)
-    header = [f"Written by `python study.py{' --quick' if args.quick else ''}` from the runs in "
-              f"`{args.out}`; rerun it to check every number (finished runs are reused).", "",
-              f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{platform.system()}; {args.jobs} runs side by side, {args.threads} thread(s) each",
-              f"- time: the {len(done)} runs trained in {span_s / 60:.0f} min, from the first "
-              f"start to the last end (their epochs add up to {epochs_s / 60:.0f} min); this "
-              f"command took {(time.time() - start) / 60:.0f} min (evaluation, diagnostics, this "
-              f"document, and the runs it trained)",
-              f"- every run: `python train.py {' '.join(plan['settings'] + COMMON)} --method M "
-              f"--train-fraction F --seed S`; seeds {', '.join(map(str, plan['seeds']))}"]
-    write_document(args, runs, curve, ablations, evaluated, diagnosed, header)
+    evaluated = {name: evaluate.evaluate_checkpoint(args.out / name / "best.pt")
+                 for name in tqdm(done, desc="evaluate", unit="run")}
+    diagnosed = diagnose(grids, evaluated, args)
+    write_document(args, grids, evaluated, diagnosed, header_lines(args, done, start))
     print(f"wrote {args.doc}")
 
 

@@ -323,7 +323,7 @@ def test(run):
     metrics = evaluate.metrics_report(collection.labels[test_idx], p,
                                       collection.bootstrap_groups[test_idx], run.args.bootstrap,
                                       label_names=collection.label_names,
-                                      unit=collection.bootstrap_unit)
+                                      unit=collection.bootstrap_unit, options=vars(run.args))
     metrics |= {"best_epoch": checkpoint["epoch"] + 1, "method": run.args.method,
                 "wall_s": time.time() - run.start_time}
     runtime.write_text(out / "metrics.json", json.dumps(metrics, indent=1))

@@ -8,7 +8,8 @@ import pytest
 import evaluate
 from vkd.metrics import SUMMARY_KEYS, auroc_summary
 from vkd.compare import Evaluated, compare_runs, format_comparison, group_runs, p_value
-from vkd.reports import DataError
+from vkd.reports import LABELS, DataError
+from vkd.summary import labelling
 
 
 def config(**changes):
@@ -31,11 +32,11 @@ def test_a_run_saved_before_an_option_existed_groups_with_runs_at_its_default():
     assert group_runs([old, new, authors, grouped]) == [[0, 1], [2], [3]]
 
 
-def fake_run(y, p, seed, method="vkd", unit="reports"):
+def fake_run(y, p, seed, method="vkd", unit="reports", label_names=("A", "B", "C")):
     checkpoint = {"config": config(method=method, seed=seed), "split_sha256": "s", "epoch": 2,
-                  "label_names": ["A", "B", "C"]}
+                  "label_names": list(label_names)}
     return Evaluated(y, p, np.arange(len(y)) // 2, unit, evaluate.prediction_name(method, 0),
-                     checkpoint)
+                     checkpoint, labelling({"data": "openi"}))
 
 
 def test_comparison_of_seeds_and_an_identical_run():
@@ -55,7 +56,9 @@ def test_comparison_of_seeds_and_an_identical_run():
     assert vkd["difference"]["macro_auroc"]["value"] == pytest.approx(
         np.mean(macros) - auroc_summary(y, predictions[0])["macro"])
     for key in SUMMARY_KEYS:                           # the same predictions again: exactly zero
-        assert same["difference"][key] == {"value": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
+        if not key.startswith("chexpert5"):            # labels A, B, C: no five-label mean
+            assert same["difference"][key] == {"value": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
+    assert same["difference"]["chexpert5_auroc"]["value"] is None
     assert "NaN" not in json.dumps(result)
     table = format_comparison(result)
     assert "| vkd - image #1 |" in table and "±" in table
@@ -67,3 +70,18 @@ def test_comparison_of_seeds_and_an_identical_run():
     runs[2].checkpoint["split_sha256"] = "other"
     with pytest.raises(DataError, match="not evaluated on the same split"):
         compare_runs(["a", "b", "c", "d"], runs, num_resamples=10)
+
+
+def test_a_comparison_states_the_five_label_mean_and_where_its_labels_come_from():
+    rng = np.random.default_rng(10)
+    y = (rng.random((200, 14)) < 0.4).astype(float)
+    p = rng.random((200, 14)) + 0.3 * y
+    runs = [fake_run(y, p, 0, "image", label_names=LABELS), fake_run(y, p, 0, label_names=LABELS)]
+    result = compare_runs(["a", "b"], runs, num_resamples=50)
+    vkd = result["methods"][1]
+    assert vkd["chexpert5_auroc"]["mean"] == pytest.approx(result["runs"][1]["chexpert5_auroc"])
+    assert vkd["difference"]["chexpert5_auroc"] == {"value": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
+    table = format_comparison(result)
+    assert "| **CheXpert 5 mean** |" in table
+    assert "labels: MeSH majors of the OpenI reports (vkd/openi.py); uncertain: none" in table
+    assert "bootstrap unit: reports" in table

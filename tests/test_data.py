@@ -845,7 +845,9 @@ def test_data_py_json_summary_matches_prepare(tmp_path):
     assert len(lines) == 1, result.stdout
     summary = json.loads(lines[0])
     assert set(summary) == {"reports", "reports_used", "images_used", "skipped", "labels", "splits",
-                            "reports_without_positive_label", "sources"}
+                            "reports_without_positive_label", "sources", "labels_from"}
+    assert summary.pop("labels_from")["label_source"] == (
+        "MeSH majors of the synthetic demo reports (vkd/openi.py)")
     assert list(summary["labels"]) == LABELS and list(summary["splits"]) == list(SPLITS)
     assert summary["reports"] == 60
     assert summary["reports_used"] + sum(summary["skipped"].values()) == summary["reports"]

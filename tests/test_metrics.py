@@ -8,6 +8,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import evaluate
 from vkd.metrics import (
+    CHEXPERT5,
     SUMMARY_KEYS,
     auroc,
     auroc_summary,
@@ -19,6 +20,7 @@ from vkd.metrics import (
     paired_difference,
 )
 from vkd.calibration import expected_calibration_error
+from vkd.reports import LABELS
 
 
 def test_average_ranks_with_ties():
@@ -122,7 +124,8 @@ def test_paired_bootstrap_of_identical_predictions_is_exactly_zero():
     rng = np.random.default_rng(2)
     y = (rng.random((100, 14)) < 0.3).astype(float)
     p = rng.random((100, 14))
-    a, b = bootstrap_draws(y, [p, p.copy()], np.arange(100) // 2, num_resamples=100)
+    a, b = bootstrap_draws(y, [p, p.copy()], np.arange(100) // 2, num_resamples=100,
+                           label_names=LABELS)
     for key in SUMMARY_KEYS:
         assert paired_difference(b[key] - a[key]) == {"ci95": [0.0, 0.0], "p": 1.0}
 
@@ -136,6 +139,34 @@ def test_paired_bootstrap_detects_a_real_difference():
     for key in ("macro_auroc", "macro_auprc"):
         difference = paired_difference(b[key] - a[key])
         assert difference["ci95"][0] > 0 and difference["p"] < 0.01
+
+
+def test_the_five_label_mean_is_the_mean_of_the_five_competition_labels():
+    rng = np.random.default_rng(4)
+    y = (rng.random((200, 14)) < 0.3).astype(float)
+    p = rng.random((200, 14)) + 0.5 * y * np.arange(14) / 14    # labels differ in how well told
+    metrics = evaluate.metrics_report(y, p, np.arange(200) // 2, num_resamples=50,
+                                      label_names=LABELS)
+    five = [roc_auc_score(y[:, LABELS.index(n)], p[:, LABELS.index(n)]) for n in CHEXPERT5]
+    assert metrics["chexpert5_auroc"] == pytest.approx(np.mean(five))
+    assert metrics["chexpert5_auroc"] != pytest.approx(metrics["macro_auroc"])
+    lo, hi = metrics["chexpert5_auroc_ci95"]
+    assert lo < metrics["chexpert5_auroc"] < hi
+    assert "CheXpert 5 mean" in evaluate.format_metrics(metrics, "title")
+    y[:, LABELS.index("Edema")] = 0                    # undefined: left out, as the macro does
+    metrics = evaluate.metrics_report(y, p, np.arange(200) // 2, num_resamples=20,
+                                      label_names=LABELS)
+    four = [value for name, value in zip(CHEXPERT5, five) if name != "Edema"]
+    assert metrics["chexpert5_auroc"] == pytest.approx(np.mean(four))
+
+
+def test_the_five_label_mean_is_not_made_up_for_other_labels():
+    rng = np.random.default_rng(5)
+    y, p = (rng.random((60, 2)) < 0.5).astype(float), rng.random((60, 2))
+    metrics = evaluate.metrics_report(y, p, np.arange(60), num_resamples=20,
+                                      label_names=["Atelectasis", "Nodule"])
+    assert metrics["chexpert5_auroc"] is None and metrics["chexpert5_auroc_ci95"] is None
+    assert "n/a (not all five labels)" in evaluate.format_metrics(metrics, "title")
 
 
 def test_the_metrics_say_what_the_bootstrap_resampled():

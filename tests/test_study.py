@@ -1,6 +1,6 @@
 """study.py: the grid runs once, a second call reuses it, an interrupted run is resumed, and the
-document holds the learning curve, the ablations and the diagnostics; --train-fraction gives every
-method and seed the same reports."""
+document holds the learning curve of the five methods, the controls, the ablations and the
+diagnostics; --train-fraction gives every method and seed the same reports."""
 import json
 import os
 import shutil
@@ -15,10 +15,9 @@ import study
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = {"fractions": (0.25, 1.0), "seeds": (0,),
+TINY = {"fractions": (0.25, 1.0), "seeds": (0,), "jobs": 2, "threads": 1, "demo_reports": 120,
         "ablations": ("q(z|t)", "f([z; h_x])", study.CONTROL),
-        "settings": ["--data", "demo", "--demo-reports", "120", "--image-size", "32",
-                     "--epochs", "2", "--batch-size", "16"]}
+        "settings": ["--image-size", "32", "--epochs", "2", "--batch-size", "16"]}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +36,22 @@ def test_study_writes_the_learning_curve_the_ablations_and_the_diagnostics(finis
     root, _ = finished_study
     document = (root / "runs" / "STUDY.md").read_text()
     for heading in ("## What it found", "## The learning curve: test macro AUROC",
-                    "## The learning curve: test macro AUPRC",
+                    "## The learning curve: test CheXpert 5 mean AUROC",
+                    "## The learning curve: test macro AUPRC", "## The controls",
                     "## Ablations at training fraction 0.25", "## Diagnostics"):
         assert heading in document
     curve = document.split("## The learning curve: test macro AUROC")[1].split("##")[0]
     assert "\n| 0.25 |" in curve and "\n| 1.0 |" in curve
+    assert ("| image | vkd | text | distill | contrastive | vkd − image | distill − image | "
+            "contrastive − image |") in curve
+    controls = document.split("## The controls")[1].split("##")[0]
+    for method in ("vkd", "text"):
+        for control in ("shuffled", "blank"):
+            assert f"\n| {method} | {control} | " in controls
+    assert "**distill − image, CheXpert 5 mean AUROC**" in document
+    assert "**vkd − vkd trained on shuffled reports, macro AUROC**" in document
+    assert ("labels: MeSH majors of the synthetic demo reports (vkd/openi.py); uncertain: none"
+            in document and "bootstrap unit: reports" in document)
     ablations = document.split("## Ablations")[1].split("##")[0]
     assert ("\n| vkd (defaults) | `(defaults)` |" in ablations
             and "\n| q(z\\|t) | `--posterior-input report` |" in ablations)
@@ -51,7 +61,19 @@ def test_study_writes_the_learning_curve_the_ablations_and_the_diagnostics(finis
             and "\n| f([z; h_x]) | " in ablations)
     assert ("| vkd, fraction 0.25 |" in document and " of 64 |" in document
             and "Not finished" not in document)
-    assert (root / "runs" / "study" / "learning-curve.png").stat().st_size > 0
+    for picture in ("learning-curve", "controls", "ablations"):
+        assert (root / "runs" / "study" / f"{picture}.png").stat().st_size > 0
+
+
+def test_each_distill_run_learns_from_the_text_run_of_its_fraction_and_seed(finished_study):
+    root, _ = finished_study
+    for fraction in (0.25, 1.0):
+        config = json.loads(
+            (root / "runs" / f"f{fraction}-distill-seed0" / "run.json").read_text())["config"]
+        assert config["teacher"] == str(root / "runs" / f"f{fraction}-text-seed0" / "best.pt")
+    shuffled = json.loads(
+        (root / "runs" / "f0.25-vkd-shuffled-seed0" / "run.json").read_text())["config"]
+    assert shuffled["report_control"] == "shuffled" and shuffled["method"] == "vkd"
 
 
 def test_every_method_and_seed_trains_on_the_same_fraction_of_the_reports(finished_study):
@@ -84,14 +106,14 @@ def test_a_second_call_reuses_finished_runs_and_resumes_an_interrupted_one_exact
     shutil.rmtree(run)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(study, "QUICK", TINY)
-        flags = study.grid(quick=True)[0][name]
+        flags = study.grid(study.get_args(argv))[0][name]
         subprocess.run([sys.executable, str(REPO / "train.py"), *flags,
                         "--data-dir", str(root / "data"), "--out", str(run), "--stop-after", "1"],
                        check=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True)
         assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
         capsys.readouterr()
         study.main(argv)
-    assert "8 of 9 runs finished before; training 1" in capsys.readouterr().out
+    assert "20 of 21 runs finished before; training 1" in capsys.readouterr().out
     assert "resuming" in (run / "train.log").read_text() and (run / "metrics.json").exists()
     resumed = torch.load(run / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
@@ -118,7 +140,7 @@ def test_a_run_trained_with_other_options_than_the_plan_stops_the_study(finished
 
 
 def test_a_damaged_checkpoint_in_a_study_folder_is_an_error_line_not_a_traceback(tmp_path):
-    runs, _, _ = study.grid(quick=True)
+    runs = study.grid(study.get_args(["--quick", "--out", str(tmp_path)]))[0]
     name = next(iter(runs))
     (tmp_path / name).mkdir()
     (tmp_path / name / "metrics.json").write_text("{}")
@@ -127,3 +149,21 @@ def test_a_damaged_checkpoint_in_a_study_folder_is_an_error_line_not_a_traceback
                                          r"empty"):
         study.main(["--quick", "--report-only", "--out", str(tmp_path),
                     "--doc", str(tmp_path / "STUDY.md")])
+
+
+def test_a_study_on_another_collection_runs_its_options_and_writes_into_its_folder(tmp_path):
+    args = study.get_args(["--data", "csv", "--csv", "my.csv", "--csv-labels", "Edema,Other",
+                           "--plan", "gpu", "--fractions", "0.5", "--seeds", "3"])
+    assert args.out == Path("runs/study-csv-gpu") and args.doc == args.out / "STUDY.md"
+    assert args.jobs == 1 and args.threads is None
+    runs, curve, controls, ablations = study.grid(args)
+    assert list(curve) == [0.5] and ablations == {}           # no ablation without fraction 0.25
+    flags = runs["f0.5-vkd-seed3"]
+    assert flags[:5] == ["--data", "csv", "--csv", "my.csv", "--csv-labels"]
+    assert flags[flags.index("--backbone") + 1] == "densenet121"
+    assert flags[flags.index("--image-size") + 1] == "224"
+    assert len(runs) == 5 + 4                                 # five methods, four controls
+    with pytest.raises(SystemExit):
+        study.get_args(["--quick", "--plan", "gpu"])
+    with pytest.raises(SystemExit):
+        study.get_args(["--no-such-option"])

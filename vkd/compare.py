@@ -14,6 +14,12 @@ import numpy as np
 from vkd.metrics import (METRICS, SUMMARY_KEYS, bootstrap_draws, interval,
                          paired_difference, resampled, run_report)
 from vkd.reports import LABELS, DataError
+from vkd.summary import labelling_line
+
+# the rows of a table's summaries: the macro mean over the labels, the mean over the five CheXpert
+# competition labels, the micro value
+KINDS = {"macro": "macro", "chexpert5": "CheXpert 5 mean", "micro": "micro"}
+UNDEFINED = {"macro": "n/a", "chexpert5": "n/a (not all five labels)", "micro": "n/a"}
 
 class Evaluated(NamedTuple):
     """One checkpoint evaluated on one split: what compare_runs compares."""
@@ -23,6 +29,7 @@ class Evaluated(NamedTuple):
     unit: str                   # "reports" or "patients"
     prediction: str             # how the probabilities were made (prediction_name)
     checkpoint: dict
+    labels_from: dict = None    # where the labels come from (vkd/summary.py's labelling)
 
 
 # options that do not change what is learnt
@@ -85,9 +92,11 @@ def compare_runs(paths, runs, num_resamples=1000, seed=0):
                 and run.unit == unit and np.array_equal(y, run.labels, equal_nan=True)):
             raise DataError(f"{paths[0]} and {path} were not evaluated on the same split")
     label_names = first.get("label_names", LABELS)
-    draws = bootstrap_draws(y, [run.probabilities for run in runs], groups, num_resamples, seed)
+    draws = bootstrap_draws(y, [run.probabilities for run in runs], groups, num_resamples, seed,
+                            label_names)
     result = {"num_images": int(len(y)), **resampled(groups, unit), "num_resamples": num_resamples,
-              "label_names": label_names, "runs": [], "methods": []}
+              "label_names": label_names, "labels_from": runs[0].labels_from,
+              "runs": [], "methods": []}
     for path, draw, run in zip(paths, draws, runs):
         config = run.checkpoint["config"]
         result["runs"].append({"checkpoint": str(path), "method": config["method"],
@@ -123,10 +132,16 @@ def compare_runs(paths, runs, num_resamples=1000, seed=0):
     return result
 
 
-def cell(value, ci, std=None):
-    """'0.912 +- 0.010 [0.880, 0.940]' (std only for several seeds); n/a when undefined."""
+def summary_name(key):
+    """'macro_auroc' -> 'macro AUROC', 'chexpert5_auroc' -> 'CheXpert 5 mean AUROC'."""
+    kind, metric = key.split("_")
+    return f"{KINDS[kind]} {metric.upper()}"
+
+
+def cell(value, ci, std=None, missing="n/a (one class only)"):
+    """'0.912 +- 0.010 [0.880, 0.940]' (std only for several seeds); `missing` when undefined."""
     if value is None:
-        return "n/a (one class only)"
+        return missing
     text = f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
     return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
@@ -145,7 +160,10 @@ def format_comparison(result):
              f"{result['num_bootstrap_units']} {result['bootstrap_unit']} "
              f"({result['num_resamples']} resamples)"
              + ("; mean ± std across seeds, interval of the seed mean"
-                if several_seeds else ""), ""]
+                if several_seeds else "")]
+    if result.get("labels_from"):
+        lines.append(labelling_line(result["labels_from"], result["bootstrap_unit"]))
+    lines.append("")
     header = "| label | positives | " + " | ".join(m["name"] for m in methods) + " |"
     rule = "|---|---:|" + "---|" * len(methods)
     for metric in METRICS:
@@ -156,17 +174,17 @@ def format_comparison(result):
                           m["per_label"][label][metric]["std"]) for m in methods]
             lines.append(f"| {label} | {first['per_label'][label]['positives']} | "
                          + " | ".join(cells) + " |")
-        for kind in ("macro", "micro"):
+        for kind, kind_name in KINDS.items():
             key = f"{kind}_{metric}"
-            lines.append(f"| **{kind}** | | "
-                         + " | ".join(cell(m[key]["mean"], m[key]["ci95"], m[key]["std"])
-                                      for m in methods) + " |")
+            lines.append(f"| **{kind_name}** | | "
+                         + " | ".join(cell(m[key]["mean"], m[key]["ci95"], m[key]["std"],
+                                           UNDEFINED[kind]) for m in methods) + " |")
         lines.append("")
     if len(methods) > 1:
         lines += [f"paired bootstrap of each difference to {methods[0]['name']} (same resamples"
                   + (", seed means" if several_seeds else "")
                   + "): difference [95% CI], two-sided p", "",
-                  "| difference | " + " | ".join(k.replace("_", " ") for k in SUMMARY_KEYS) + " |",
+                  "| difference | " + " | ".join(summary_name(k) for k in SUMMARY_KEYS) + " |",
                   "|---|" + "---|" * len(SUMMARY_KEYS)]
         for m in methods[1:]:
             cells = []
@@ -178,13 +196,14 @@ def format_comparison(result):
             lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["each run", "",
-              "| run | method | seed | best epoch | macro AUROC | macro AUPRC | probabilities |",
-              "|---|---|---:|---:|---|---|---|"]
+              "| run | method | seed | best epoch | macro AUROC | CheXpert 5 mean AUROC "
+              "| macro AUPRC | probabilities |",
+              "|---|---|---:|---:|---|---|---|---|"]
     for run in result["runs"]:
+        cells = [cell(run[key], run[f"{key}_ci95"], None, UNDEFINED[key.split("_")[0]])
+                 for key in ("macro_auroc", "chexpert5_auroc", "macro_auprc")]
         lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | "
-                     f"{run['best_epoch']} | "
-                     f"{cell(run['macro_auroc'], run['macro_auroc_ci95'])} | "
-                     f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} | {run['prediction']} |")
+                     f"{run['best_epoch']} | " + " | ".join(cells) + f" | {run['prediction']} |")
     return "\n".join(lines)
 
 
@@ -193,15 +212,17 @@ def format_metrics(metrics, title):
     for name, m in metrics["per_label"].items():
         lines.append(f"{name:28s} {m['positives']:9d}  {cell(m['auroc'], m['auroc_ci95']):24s}  "
                      f"{cell(m['auprc'], m['auprc_ci95'])}")
-    for kind in ("macro", "micro"):
-        auroc = cell(metrics[f"{kind}_auroc"], metrics[f"{kind}_auroc_ci95"])
-        auprc = cell(metrics[f"{kind}_auprc"], metrics[f"{kind}_auprc_ci95"])
-        lines.append(f"{kind:28s} {'':9s}  {auroc:24s}  {auprc}")
+    for kind, kind_name in KINDS.items():
+        auroc = cell(metrics[f"{kind}_auroc"], metrics[f"{kind}_auroc_ci95"], None, UNDEFINED[kind])
+        auprc = cell(metrics[f"{kind}_auprc"], metrics[f"{kind}_auprc_ci95"], None, UNDEFINED[kind])
+        lines.append(f"{kind_name:28s} {'':9s}  {auroc:24s}  {auprc}")
     if metrics["labels_skipped_in_macro"]:
         skipped = ", ".join(metrics["labels_skipped_in_macro"])
         lines.append(f"left out of macro (one class in this split): {skipped}")
     lines.append(f"{metrics['num_images']} images; intervals: 95% bootstrap over "
                  f"{metrics['num_bootstrap_units']} {metrics['bootstrap_unit']}")
+    if "labels_from" in metrics:
+        lines.append(labelling_line(metrics["labels_from"]))
     if "prediction" in metrics:
         lines.append(f"probabilities: {metrics['prediction']}")
     return "\n".join(lines)

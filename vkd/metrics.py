@@ -11,7 +11,12 @@ import numpy as np
 
 # ------------------------------------------------------------------------------------------ metrics
 
-SUMMARY_KEYS = ("macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc")
+SUMMARY_KEYS = ("macro_auroc", "chexpert5_auroc", "micro_auroc",
+                "macro_auprc", "chexpert5_auprc", "micro_auprc")
+
+# The five CheXpert competition labels (Irvin et al., AAAI 2019): the field's usual summary beside
+# the macro mean over all labels.
+CHEXPERT5 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
 def observed(y, score):
@@ -75,14 +80,34 @@ def average_precision(y, score):
 METRICS = {"auroc": auroc, "auprc": average_precision}
 
 
-def metric_summary(metric, y, p):
-    """Per-label values of `metric` on (N, K) arrays, their macro average over the labels where it
-    is defined (both classes observed; the others are left out, never counted as 0) and the micro
-    value over all observed (sample, label) pairs."""
+def mean_of_defined(values):
+    """Mean over the last axis of the values that are defined (not NaN); NaN where none is."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = ~np.isnan(values)
+    total = np.where(defined, values, 0.0).sum(axis=-1)
+    count = defined.sum(axis=-1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def chexpert5_mean(per_label, label_names):
+    """Mean of per-label values (..., K) over the five competition labels, those undefined left out
+    as the macro mean leaves them; NaN when `label_names` lacks one of the five (a CSV's own)."""
+    if label_names is None or not set(CHEXPERT5) <= set(label_names):
+        return np.full(np.shape(per_label)[:-1], np.nan)
+    columns = [list(label_names).index(name) for name in CHEXPERT5]
+    return mean_of_defined(np.asarray(per_label)[..., columns])
+
+
+def metric_summary(metric, y, p, label_names=None):
+    """Per-label values of `metric` on (N, K) arrays; their macro average over the labels where it
+    is defined (both classes observed; the others are left out, never counted as 0) and over the
+    five competition labels (chexpert5_mean, NaN without label names); and the micro value over all
+    observed (sample, label) pairs."""
     per_label = np.array([metric(y[:, k], p[:, k]) for k in range(y.shape[1])])
     defined = ~np.isnan(per_label)
     return {"per_label": per_label,
             "macro": float(per_label[defined].mean()) if defined.any() else float("nan"),
+            "chexpert5": float(chexpert5_mean(per_label, label_names)),
             "micro": metric(y, p),
             "defined": defined}
 
@@ -104,20 +129,19 @@ def bootstrap_indices(groups, num_resamples, seed):
         yield np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
 
 
-def bootstrap_draws(y, predictions, groups, num_resamples=1000, seed=0):
+def bootstrap_draws(y, predictions, groups, num_resamples=1000, seed=0, label_names=None):
     """AUROC and AUPRC of each (N, K) array in `predictions` on the same resamples of groups, so
     that differences between them are paired. Returns one dict per array: "auroc" and "auprc"
-    (R, K), NaN where a resample leaves a label with one class, and "macro_auroc", "micro_auroc",
-    "macro_auprc", "micro_auprc" (R,).
-    A resample's macro averages the labels defined in that resample."""
+    (R, K), NaN where a resample leaves a label with one class, and each of SUMMARY_KEYS (R,).
+    A resample's macro (and five-label) mean averages the labels defined in that resample."""
     draws = [{key: [] for key in (*METRICS, *SUMMARY_KEYS)} for _ in predictions]
     for idx in bootstrap_indices(groups, num_resamples, seed):
         for draw, p in zip(draws, predictions):
             for name, metric in METRICS.items():
-                s = metric_summary(metric, y[idx], p[idx])
+                s = metric_summary(metric, y[idx], p[idx], label_names)
                 draw[name].append(s["per_label"])
-                draw[f"macro_{name}"].append(s["macro"])
-                draw[f"micro_{name}"].append(s["micro"])
+                for kind in ("macro", "chexpert5", "micro"):
+                    draw[f"{kind}_{name}"].append(s[kind])
     return [{key: np.array(values) for key, values in draw.items()} for draw in draws]
 
 
@@ -151,7 +175,8 @@ def none_if_nan(value):
 def run_report(y, p, draws, label_names):
     """Point estimates of one run with the intervals of its bootstrap draws,
     as a JSON-ready dict."""
-    summaries = {name: metric_summary(metric, y, p) for name, metric in METRICS.items()}
+    summaries = {name: metric_summary(metric, y, p, label_names)
+                 for name, metric in METRICS.items()}
     per_label = {}
     for k, label in enumerate(label_names):
         per_label[label] = {"positives": int(np.nansum(y[:, k])),

@@ -94,7 +94,43 @@ def print_summary(summary, label_names):
     print(f"{'reports':{width}s}" + "".join(f"{summary['splits'][s]:7d}" for s in SPLITS)
           + f"{summary['reports_used']:7d}")
     print(f"reports without any positive label: {summary['reports_without_positive_label']}")
+    if "labels_from" in summary:
+        print(labelling_line(summary["labels_from"]))
 
 
 JSON_SUMMARY_KEYS = ("reports", "reports_used", "images_used", "skipped", "labels", "splits",
-                     "reports_without_positive_label", "ignored_uncertain", "sources")
+                     "reports_without_positive_label", "ignored_uncertain", "sources",
+                     "labels_from")
+
+
+# --------------------------------------------------------------------- where the labels come from
+
+UNCERTAIN = {"zeros": "read as negative (--uncertain zeros)",
+             "ones": "read as positive (--uncertain ones)",
+             "ignore": "left out of loss and metrics (--uncertain ignore)"}
+
+
+def labelling(options):
+    """Where a collection's labels come from, as every table of results states it (the field's
+    convention): {"label_source", "uncertain", "views"}, from the data options of a run's config."""
+    data, uncertain = options.get("data", "demo"), UNCERTAIN[options.get("uncertain", "zeros")]
+    if data in ("demo", "openi"):
+        reports = "the synthetic demo reports" if data == "demo" else "the OpenI reports"
+        return {"label_source": f"MeSH majors of {reports} (vkd/openi.py)",
+                "uncertain": "none (MeSH has no uncertain label)",
+                "views": "frontal and lateral (every image of a report)"}
+    if data == "mimic":
+        table = options.get("mimic_labels", "chexpert")
+        labeller = {"chexpert": "CheXpert", "negbio": "NegBio"}[table]
+        views = "frontal (PA, AP)" if options.get("views", "frontal") == "frontal" else "all"
+        return {"label_source": f"the {labeller} labeller (mimic-cxr-2.0.0-{table}.csv)",
+                "uncertain": uncertain, "views": views}
+    return {"label_source": f"the columns of {options['csv']}", "uncertain": uncertain,
+            "views": "every image the CSV lists"}
+
+
+def labelling_line(statement, unit=None):
+    """The statement of labelling() in one line, with the bootstrap unit when given."""
+    line = (f"labels: {statement['label_source']}; uncertain: {statement['uncertain']}; "
+            f"views: {statement['views']}")
+    return line + (f"; bootstrap unit: {unit}" if unit else "")
