@@ -47,7 +47,7 @@ import data
 import evaluate
 import train
 from model import gaussian_kl
-from vkd.compare import NOT_THE_METHOD, compare_runs, p_value
+from vkd.compare import NOT_THE_METHOD, compare_runs, difference_cell
 from vkd.metrics import auroc_summary
 from vkd.pictures import PlotError, pyplot
 from vkd.runtime import cpu_name, write_text
@@ -332,11 +332,7 @@ def estimate(method, key):
 
 
 def difference(method, key, resamples):
-    d = method["difference"][key]
-    if d["value"] is None or d["ci95"] is None:
-        return "n/a"
-    return (f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
-            f"{p_value(d['p'], resamples)}")
+    return difference_cell(method["difference"][key], resamples)
 
 
 def verdict(method, key):

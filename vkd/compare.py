@@ -146,6 +146,20 @@ def cell(value, ci, std=None, missing="n/a (one class only)"):
     return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def signed(value):
+    """'+0.018', '-0.023'; a value that rounds to zero is '0.000', not '-0.000'."""
+    text = f"{value:+.3f}"
+    return "0.000" if text in ("+0.000", "-0.000") else text
+
+
+def difference_cell(d, num_resamples):
+    """A paired difference as '+0.018 [+0.004, +0.031], p = 0.012'; n/a when undefined."""
+    if d["value"] is None or d["ci95"] is None:
+        return "n/a"
+    return (f"{signed(d['value'])} [{signed(d['ci95'][0])}, {signed(d['ci95'][1])}], "
+            f"{p_value(d['p'], num_resamples)}")
+
+
 def p_value(p, num_resamples):
     """No resample on the far side of zero bounds p by the resolution of the bootstrap, it does not
     make it 0."""
@@ -187,12 +201,7 @@ def format_comparison(result):
                   "| difference | " + " | ".join(summary_name(k) for k in SUMMARY_KEYS) + " |",
                   "|---|" + "---|" * len(SUMMARY_KEYS)]
         for m in methods[1:]:
-            cells = []
-            for key in SUMMARY_KEYS:
-                d = m["difference"][key]
-                cells.append("n/a" if d["value"] is None or d["ci95"] is None else
-                             f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
-                             f"{p_value(d['p'], resamples)}")
+            cells = [difference_cell(m["difference"][key], resamples) for key in SUMMARY_KEYS]
             lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["each run", "",

@@ -25,6 +25,7 @@ The parts, fixed before any run (nothing is chosen by looking at test numbers):
   (TINY_ROWS), seeds 0, 1, 2.
 """
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -46,12 +47,14 @@ import data
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
 from vkd import options
-from vkd.compare import ADDED_OPTIONS, NOT_THE_METHOD, cell, p_value
+from vkd.compare import (ADDED_OPTIONS, KINDS, NOT_THE_METHOD, cell, difference_cell, p_value,
+                         signed)
 from vkd.download import OPENI_REPORTS_SHA256, file_sha256
 from vkd.openi import iter_report_files, parse_report
 from vkd.pictures import PlotError, pyplot
 from vkd.recipe import METHODS_OF_ALL
 from vkd.runtime import cpu_name
+from vkd.summary import labelling_line
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("image", "vkd", "text")
@@ -87,8 +90,12 @@ CAM_LABEL, CAM_IMAGES = "Cardiomegaly", 3
 # curves, which the comparison's pictures already show, so they are removed
 COMPARE_PICTURES = ("roc.png", "pr.png")
 RUN_PICTURES = ("reliability.png", "training.png", "latents.png", "cam-cardiomegaly.png")
-SUMMARIES = (("macro_auroc", "macro AUROC"), ("micro_auroc", "micro AUROC"),
-             ("macro_auprc", "macro AUPRC"), ("micro_auprc", "micro AUPRC"))
+SUMMARIES = (("macro_auroc", "macro AUROC"), ("chexpert5_auroc", "CheXpert 5 mean AUROC"),
+             ("micro_auroc", "micro AUROC"), ("macro_auprc", "macro AUPRC"),
+             ("micro_auprc", "micro AUPRC"))
+# the code an evaluation's saved result depends on: a change to any of these evaluates again
+EVALUATION_CODE = ("evaluate.py", "data.py", "model.py", "vkd/metrics.py", "vkd/compare.py",
+                   "vkd/analysis.py", "vkd/calibration.py", "vkd/summary.py", "vkd/bow.py")
 
 
 def get_args(argv=None):
@@ -420,10 +427,17 @@ def cached(job, folder):
     saved = json.loads(path.read_text())
     newest = max(Path(p).stat().st_mtime for p in job.argv if p.endswith(".pt"))
     pictures_dir, kept = job.pictures
-    if (saved["command"] != job.argv or path.stat().st_mtime < newest
+    if (saved["command"] != job.argv or saved.get("code") != evaluation_code()
+            or path.stat().st_mtime < newest
             or any(not (Path(pictures_dir) / name).exists() for name in kept)):
         return None
     return saved["result"]
+
+
+def evaluation_code():
+    """The sha256 of the code an evaluation depends on (EVALUATION_CODE)."""
+    return hashlib.sha256(b"".join((REPO / name).read_bytes() for name in EVALUATION_CODE)
+                          ).hexdigest()
 
 
 def run_evaluation(job, folder, threads):
@@ -440,7 +454,8 @@ def run_evaluation(job, folder, threads):
     for picture in result.get("pictures", []):
         if Path(picture).name not in kept:
             Path(picture).unlink(missing_ok=True)
-    (folder / f"{job.key}.json").write_text(json.dumps({"command": job.argv, "result": result}))
+    (folder / f"{job.key}.json").write_text(json.dumps({"command": job.argv, "result": result,
+                                                        "code": evaluation_code()}))
     return result
 
 
@@ -530,18 +545,8 @@ def stats_cell(stats):
     return cell(stats["mean"], stats["ci95"], stats["std"])
 
 
-def signed(value):
-    """'+0.018', '-0.023'; a value that rounds to zero is '0.000', not '-0.000'."""
-    text = f"{value:+.3f}"
-    return "0.000" if text in ("+0.000", "-0.000") else text
-
-
 def difference(method, key, resamples):
-    d = method["difference"][key]
-    if d["value"] is None or d["ci95"] is None:
-        return "n/a"
-    return (f"{signed(d['value'])} [{signed(d['ci95'][0])}, {signed(d['ci95'][1])}], "
-            f"{p_value(d['p'], resamples)}")
+    return difference_cell(method["difference"][key], resamples)
 
 
 def interval_only(method, key):
@@ -557,15 +562,16 @@ def verdict(method, key):
 
 
 def label_table(result, columns):
-    """Per-label rows, then macro and micro. columns: [(header, (label -> cell, kind -> cell))]."""
+    """Per-label rows, then macro, the CheXpert 5 mean and micro.
+    columns: [(header, (label -> cell, kind -> cell))]."""
     first = result["runs"][0]["per_label"]
     lines = ["| label | positives | " + " | ".join(header for header, _ in columns) + " |",
              "|---|---:|" + "---|" * len(columns)]
     for label in result["label_names"]:
         lines.append(f"| {label} | {first[label]['positives']} | "
                      + " | ".join(cells[0](label) for _, cells in columns) + " |")
-    for kind in ("macro", "micro"):
-        lines.append(f"| **{kind}** | | " + " | ".join(cells[1](kind) for _, cells in columns)
+    for kind, name in KINDS.items():
+        lines.append(f"| **{name}** | | " + " | ".join(cells[1](kind) for _, cells in columns)
                      + " |")
     return lines
 
@@ -593,12 +599,14 @@ def differences_table(result):
 
 
 def runs_table(result):
-    lines = ["| run | method | seed | best epoch | macro AUROC | macro AUPRC | probabilities |",
-             "|---|---|---:|---:|---|---|---|"]
+    lines = ["| run | method | seed | best epoch | macro AUROC | CheXpert 5 mean AUROC | "
+             "macro AUPRC | probabilities |",
+             "|---|---|---:|---:|---|---|---|---|"]
     for run in result["runs"]:
+        cells = [cell(run[key], run[f"{key}_ci95"])
+                 for key in ("macro_auroc", "chexpert5_auroc", "macro_auprc")]
         lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | "
-                     f"{run['best_epoch']} | {cell(run['macro_auroc'], run['macro_auroc_ci95'])} | "
-                     f"{cell(run['macro_auprc'], run['macro_auprc_ci95'])} | {run['prediction']} |")
+                     f"{run['best_epoch']} | " + " | ".join(cells) + f" | {run['prediction']} |")
     return lines
 
 
@@ -661,7 +669,8 @@ def demo_tables(result, seeds):
              f"the 95% bootstrap interval of the seed mean ({resamples:,} resamples of "
              f"{result['bootstrap_unit']}; the interval covers the "
              f"sampling of the test set, the ± the spread between seeds). Positives are test "
-             f"images.", ""]
+             f"images.", "", labelling_line(result["labels_from"], result["bootstrap_unit"]) + ".",
+             ""]
     lines += label_table(result, [(m["name"], method_cells(m, "auroc")) for m in methods])
     lines += ["", "AUPRC, the same way:", ""]
     lines += label_table(result, [(m["name"], method_cells(m, "auprc")) for m in methods])
@@ -855,15 +864,19 @@ def openi_section(args, sets, plan, jobs, results, available):
               f"over the same tokens (`vkd/bow.py`: token presence times IDF, one logistic "
               f"regression per label with balanced positive weights, fitted on the training "
               f"split only):", "",
-              f"| split seed | `text` (the transformer teacher) | best validation epoch (its "
-              f"validation macro AUROC) | labels below {WEAK} | bag-of-words reference |",
-              "|---|---|---|---|---|"]
+              labelling_line(results[keys[0]]["labels_from"],
+                             results[keys[0]]["bootstrap_unit"]) + ".", "",
+              f"| split seed | `text` (the transformer teacher) | its CheXpert 5 mean AUROC | "
+              f"best validation epoch (its validation macro AUROC) | labels below {WEAK} | "
+              f"bag-of-words reference |",
+              "|---|---|---|---|---|---|"]
     for k in splits:
         ev, name = results[f"openi-split{k}-bow"], main_runs[k]
         best, log = read_json(args.out / name / "metrics.json")["best_epoch"], epoch_log(args.out,
                                                                                           name)
         bow = ev["bag_of_words"]
-        lines.append(f"| {k} | {cell(ev['macro_auroc'], ev['macro_auroc_ci95'])} | {best} of "
+        lines.append(f"| {k} | {cell(ev['macro_auroc'], ev['macro_auroc_ci95'])} | "
+                     f"{cell(ev['chexpert5_auroc'], ev['chexpert5_auroc_ci95'])} | {best} of "
                      f"{len(log)} ({log[best - 1]['val_macro_auroc']:.3f}) | {weak_labels(ev)} | "
                      f"{cell(bow['macro_auroc'], bow['macro_auroc_ci95'])} |")
     lines += ["", *openi_commands(args, sets, jobs, splits), *openi_reading(args, sets, results,
@@ -1057,6 +1070,8 @@ def tiny_section(args, sets, jobs, results):
               f"{plural(demo['epochs'], 'epoch')}; seeds "
               f"{', '.join(map(str, first.fields['seed']))}; test macro AUROC, mean ± std over "
               f"seeds with the interval of the seed mean, paired differences):", "",
+              labelling_line(results[keys[rows[0]]]["labels_from"],
+                             results[keys[rows[0]]]["bootstrap_unit"]) + ".", "",
               "| encoder | flags added | image | vkd | text | vkd - image | vkd - vkd with "
               f"{TINY_ROWS[rows[0]][0]} |", "|---|---|---|---|---|---|---|"]
     previous = None
