@@ -2,6 +2,7 @@
 text teacher's soft targets) and contrastive (image and report features aligned), and the controls
 that separate the report's information from the architecture (--report-control)."""
 import json
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -16,6 +17,7 @@ import data
 import train
 from model import VKD, VKDConfig, bce
 from vkd import runtime
+from vkd.download import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(latent_dim=8, cnn_width=4, vocab_size=50, max_len=12, text_dim=16, text_heads=2,
@@ -191,6 +193,21 @@ def test_a_student_takes_its_teachers_control_and_a_control_names_its_folder(run
     assert train.get_args(["--report-control", "shuffled"]).out == "runs/demo-vkd-shuffled-seed0"
     assert train.get_args(["--method", "image", "--report-control", "shuffled"]).out == \
         "runs/demo-image-seed0"
+
+
+def test_a_resumed_student_refuses_a_teacher_replaced_since_it_started(runs):
+    tmp, common = runs
+    teacher = tmp / "teacher-copy" / "best.pt"
+    teacher.parent.mkdir()
+    shutil.copy(tmp / "text" / "best.pt", teacher)
+    shutil.copy(tmp / "text" / "tokenizer.json", teacher.parent / "tokenizer.json")
+    student = common + ["--method", "distill", "--out", str(tmp / "d-resume")]
+    train.train(train.get_args(student + ["--teacher", str(teacher), "--stop-after", "1"]))
+    saved = torch.load(tmp / "d-resume" / "last.pt", weights_only=True)["config"]
+    assert saved["teacher_sha256"] == file_sha256(teacher)
+    shutil.copy(tmp / "text-blank" / "best.pt", teacher)                 # another teacher
+    with pytest.raises(runtime.DataError, match="is not the teacher this run started with"):
+        train.train(train.get_args(["--out", str(tmp / "d-resume"), "--resume"]))
 
 
 @pytest.mark.parametrize("method", ["distill", "contrastive"])

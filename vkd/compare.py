@@ -35,7 +35,8 @@ class Evaluated(NamedTuple):
 # options that do not change what is learnt
 # each seed's distill run learns from its own seed's teacher: the teacher's path is bookkeeping too
 NOT_THE_METHOD = ("seed", "seeds", "out", "resume", "stop_after", "device", "data_dir", "compile",
-                  "channels_last", "preload", "log_every", "bootstrap", "preset", "teacher")
+                  "channels_last", "preload", "log_every", "bootstrap", "preset", "teacher",
+                  "teacher_sha256")
 
 
 # Options added after runs were saved, with the value those runs were trained with: a config

@@ -7,6 +7,7 @@ import torch
 
 import data
 from model import VKD, VKDConfig
+from vkd.download import file_sha256
 from vkd.reports import DataError
 from vkd.runtime import read_checkpoint
 
@@ -20,6 +21,12 @@ def load_teacher(args, split_sha256, label_names, device):
     if path is None:
         raise DataError("--method distill needs --teacher RUN/best.pt, a text run on this split")
     checkpoint = read_checkpoint(path, device)
+    digest = file_sha256(path)          # saved in the student's config: a resume checks it
+    if getattr(args, "teacher_sha256", digest) != digest:
+        raise DataError(f"--teacher {path} is not the teacher this run started with (sha256 "
+                        f"{digest}, the run's {args.teacher_sha256}); resume with that file, or "
+                        f"start a new --out")
+    args.teacher_sha256 = digest
     config, method = checkpoint["config"], checkpoint["model_config"].get("method")
     if method != "text":
         raise DataError(f"--teacher {path} is a {method} run; distill needs a text run "
