@@ -272,7 +272,7 @@ def train_all(runs, args):
 def compare(names, evaluated, args):
     """Paired comparison of the given runs (the image baseline first) -> compare_runs' result, or
     None when a run has not finished."""
-    if not all(name in evaluated for name in names):
+    if not names or not all(name in evaluated for name in names):
         return None
     paths = [args.out / name / "best.pt" for name in names]
     result = compare_runs(paths, [evaluated[name] for name in names], args.bootstrap, seed=0)
@@ -503,6 +503,8 @@ def control_tables(results, args):
 
 
 def ablation_tables(results, args):
+    if not results["ablations"]:
+        return []
     resamples = args.bootstrap
     lines = [f"## Ablations at training fraction {ABLATION_FRACTION}", "",
              "Each setting against image and against vkd with its defaults, on the same seeds and "

@@ -553,3 +553,26 @@ def test_own_csv_in_another_encoding_is_refused_naming_the_file(tmp_path, encodi
     with pytest.raises(data.DataError,
                        match=rf"{path} is not UTF-8 text .*save the table as UTF-8"):
         data.prepare(data="csv", csv=str(path))
+
+
+def test_the_study_runs_on_mimic_with_its_options_and_writes_into_its_folder(mimic, tmp_path):
+    """study.py --data mimic, narrowed to one fraction and seed: the five methods and the
+    controls train on the MIMIC layout with --uncertain ignore, and the document states the
+    labeller, the uncertain policy, the views and the patients it resamples."""
+    import study
+    out = tmp_path / "study"
+    plan = {"fractions": (1.0,), "seeds": (0,), "jobs": 2, "threads": 1, "demo_reports": 0,
+            "settings": TINY[:-4] + ["--epochs", "2"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(study.PLANS, "demo", plan)
+        study.main(["--data", "mimic", "--data-dir", str(mimic[0]), "--uncertain", "ignore",
+                    "--out", str(out), "--bootstrap", "50"])
+    document = (out / "STUDY.md").read_text()
+    assert "Written by `python study.py --data mimic`" in document
+    assert ("labels: the CheXpert labeller (mimic-cxr-2.0.0-chexpert.csv); uncertain: left out "
+            "of loss and metrics (--uncertain ignore); views: frontal (PA, AP); bootstrap unit: "
+            "patients") in document
+    assert "Not finished" not in document and "## The controls" in document
+    assert "## Ablations" not in document                 # they need the fraction 0.25
+    config = json.loads((out / "f1.0-distill-seed0" / "run.json").read_text())["config"]
+    assert config["data"] == "mimic" and config["uncertain"] == "ignore"
