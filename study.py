@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ import evaluate
 import train
 from model import gaussian_kl
 from vkd.compare import NOT_THE_METHOD, compare_runs, difference_cell
-from vkd.metrics import auroc_summary
+from vkd.metrics import CHEXPERT5, auroc_summary
 from vkd.pictures import PlotError, pyplot
 from vkd.runtime import cpu_name, write_text
 from vkd.summary import labelling_line
@@ -86,7 +87,7 @@ ABLATIONS = {                        # name -> (method, train.py flags that chan
     "q(z|t)": ("vkd", ["--posterior-input", "report"]),
     "KL(p||q)": ("vkd", ["--kl-direction", "pq"]),
     "f([z; h_x])": ("vkd", ["--classifier-input", "z+image"]),
-    # the 3-epoch ramp of the defaults, twice in 12 epochs
+    # the 3-epoch ramp of the defaults, restarted every 6 epochs (twice in the demo plan's 12)
     "cyclical beta": ("vkd", ["--beta-cycle-epochs", "6"]),
     "100 samples averaged": ("vkd", ["--latent-samples", "100", "--average-samples"]),
     "the authors' variant": ("vkd", ["--preset", "authors"]),
@@ -116,8 +117,8 @@ def get_args(argv=None):
         help="the collection (default: demo); its own options come from config/collections.py")
     add("--data-dir", default="data", help="where the collection lives (default: data)")
     add("--plan", default="demo", choices=list(PLANS),
-        help="demo: sized for a 2-core CPU; gpu: a pretrained densenet121 at 224 px on one GPU "
-             "(default: demo)")
+        help="demo: sized for a 2-core CPU; gpu: a pretrained densenet121 at 224 px on one GPU, "
+             "not measured here (default: demo)")
     add("--quick", action="store_true", help="the reduced grid, on the demo (default: off)")
     add("--fractions", type=float, nargs="+", default=None,
         help="narrow the training fractions (default: the plan's)")
@@ -133,10 +134,15 @@ def get_args(argv=None):
     add("--report-only", action="store_true",
         help="train nothing; write the document (default: off)")
     args, args.data_flags = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)        # the command, as written
     if args.quick and (args.data != "demo" or args.plan != "demo"):
         parser.error("--quick is the reduced grid on the demo: give it without --data and --plan")
-    if args.data == "demo" and args.data_flags:
-        parser.error(f"unrecognized arguments: {' '.join(args.data_flags)}")
+    data_flags = {"--" + name.replace("_", "-") for name in data.DATA_OPTIONS} - {"--data-dir"}
+    others = [flag.split("=")[0] for flag in args.data_flags
+              if flag.startswith("-") and flag.split("=")[0] not in data_flags]
+    if others or (args.data == "demo" and args.data_flags):
+        parser.error(f"unrecognized arguments: {' '.join(others or args.data_flags)} (study.py "
+                     f"passes the data options of train.py to its runs; the plan sets the rest)")
     args.plan_of = dict(QUICK if args.quick else PLANS[args.plan])
     for name in ("fractions", "seeds"):
         args.plan_of[name] = tuple(getattr(args, name) or args.plan_of[name])
@@ -222,6 +228,13 @@ def check_plan(runs, args):
                      f"another --out")
 
 
+def teacher_finished(flags):
+    """Whether the --teacher in a run's flags (if any) has finished (its metrics.json)."""
+    if "--teacher" not in flags:
+        return True
+    return (Path(flags[flags.index("--teacher") + 1]).parent / "metrics.json").exists()
+
+
 def train_all(runs, args):
     """Train every unfinished run (resuming an interrupted one), --jobs at a time, the distill runs
     after their teachers -> names of the failed runs."""
@@ -251,7 +264,13 @@ def train_all(runs, args):
     with ThreadPoolExecutor(args.jobs) as pool:
         try:
             for wave in ([name for name in todo if name not in students], students):
-                futures = {pool.submit(train_one, name): name for name in wave}
+                orphans = [name for name in wave if not teacher_finished(runs[name])]
+                for name in orphans:               # its teacher failed: nothing to learn from
+                    failed.append(name)
+                    progress.update()
+                    tqdm.write(f"run {name} not started: its teacher did not finish")
+                futures = {pool.submit(train_one, name): name for name in wave
+                           if name not in orphans}
                 for future in as_completed(futures):
                     progress.update()
                     if future.result() != 0:
@@ -270,8 +289,8 @@ def train_all(runs, args):
 # ------------------------------------------------------------------------------------------ results
 
 def compare(names, evaluated, args):
-    """Paired comparison of the given runs (the image baseline first) -> compare_runs' result, or
-    None when a run has not finished."""
+    """Paired comparison of the given runs, the reference first (the image baseline, a control or
+    vkd's defaults) -> compare_runs' result, or None when a run has not finished."""
     if not names or not all(name in evaluated for name in names):
         return None
     paths = [args.out / name / "best.pt" for name in names]
@@ -283,26 +302,27 @@ def compare(names, evaluated, args):
 
 
 @torch.no_grad()
-def diagnostics(path, batch_size=256):
+def diagnostics(path, device="cpu", batch_size=256):
     """A model with a report encoder on its validation split -> KL(q || p) per latent dimension
     (mean over the images), the number of active dimensions, the mean distance |mu_q - mu_p|, the
     teacher's macro AUROC."""
-    model, checkpoint = evaluate.load_checkpoint(path)
+    model, checkpoint = evaluate.load_checkpoint(path, device)
     images, tokens, labels, _, _, splits = evaluate.load_collection(checkpoint, path,
                                                                     with_text=True)
     config, idx = checkpoint["config"], splits["val"]
     kl, distance, teacher = [], [], []
     for start in range(0, len(idx), batch_size):
         i = idx[start:start + batch_size]
-        x = data.normalise(torch.as_tensor(images[i]), config["pixel_mean"], config["pixel_std"])
-        t = torch.as_tensor(tokens[i])
+        x = data.normalise(torch.as_tensor(images[i]).to(device), config["pixel_mean"],
+                           config["pixel_std"])
+        t = torch.as_tensor(tokens[i]).to(device)
         h_x, mu_p, logvar_p = model.encode_prior(x)
         mu_q, logvar_q = model.encode_posterior(h_x, t)
         # sums over a size-1 axis
         per_dim = [a.unsqueeze(-1) for a in (mu_q, logvar_q, mu_p, logvar_p)]
-        kl.append(gaussian_kl(*per_dim))                                           # (B, D)
-        distance.append((mu_q - mu_p).norm(dim=-1))                                # (B,)
-        teacher.append(model.predict_with_text(x, t))                              # (B, K)
+        kl.append(gaussian_kl(*per_dim).cpu())                                     # (B, D)
+        distance.append((mu_q - mu_p).norm(dim=-1).cpu())                          # (B,)
+        teacher.append(model.predict_with_text(x, t).cpu())                        # (B, K)
     kl_per_dim = torch.cat(kl).mean(0).numpy()
     return {"kl_per_dim": kl_per_dim.tolist(), "kl": float(kl_per_dim.sum()),
             "active_dims": int((kl_per_dim > ACTIVE_KL).sum()),
@@ -395,6 +415,17 @@ def classifier_rows(ablations, evaluated, args):
     return {} if result is None else dict(zip(settings, result["methods"][1:]))
 
 
+def summary_keys(evaluated):
+    """The summaries the tables show (KEYS): the CheXpert 5 mean only for labels that have the
+    five."""
+    labels = {label for run in evaluated.values() for label in run.checkpoint["label_names"]}
+    return [key for key in KEYS if key != "chexpert5_auroc" or set(CHEXPERT5) <= labels]
+
+
+def auroc_keys(results):
+    return [key for key in results["keys"] if key.endswith("auroc")]
+
+
 def by_fraction(methods, key, resamples):
     """'0.1: +0.010 [+0.002, +0.017], p = 0.008 (above); 0.25: ...' over {fraction: method}."""
     return "; ".join(f"{fraction}: {difference(method, key, resamples)} ({verdict(method, key)})"
@@ -404,11 +435,11 @@ def by_fraction(methods, key, resamples):
 def findings(results, resamples):
     """The reading of the results, from the intervals alone: a difference whose 95% interval
     excludes 0 is above or below; any other is within noise."""
-    curve, controls = results["curve"], results["controls"]
+    curve, controls, aurocs = results["curve"], results["controls"], auroc_keys(results)
     lines = []
     for way in WAYS:
         at = {fraction: result["methods"][METHODS.index(way)] for fraction, result in curve.items()}
-        for key in ("macro_auroc", "chexpert5_auroc"):
+        for key in aurocs:
             lines.append(f"- **{way} − image, {KEYS[key]}**, by training fraction: "
                          f"{by_fraction(at, key, resamples)}.")
     for (method, control), at in controls.items():
@@ -421,7 +452,8 @@ def findings(results, resamples):
                  f"{by_fraction(text, 'macro_auroc', resamples)}.")
     lines += ablation_findings(results, resamples)
     ablations = results["ablations"].values()
-    intervals = ((2 * len(WAYS) + 1) * len(curve) + sum(len(at) for at in controls.values())
+    intervals = ((len(aurocs) * len(WAYS) + 1) * len(curve)
+                 + sum(len(at) for at in controls.values())
                  + sum(2 * sum(part is not None for part in pair) for pair in ablations)
                  + 2 * len(results["classifier"]))
     lines.append(f"- **How sure**: {intervals} intervals are read here, each at 95% and none "
@@ -467,8 +499,8 @@ def ablation_findings(results, resamples):
 
 def curve_tables(curve, results, args):
     lines = []
-    for key, metric in KEYS.items():
-        lines += [f"## The learning curve: test {metric}", "",
+    for key in results["keys"]:
+        lines += [f"## The learning curve: test {KEYS[key]}", "",
                   "| training fraction | training reports | " + " | ".join(METHODS) + " | "
                   + " | ".join(f"{way} − image" for way in WAYS) + " |",
                   "|---|---|" + "---|" * (len(METHODS) + len(WAYS))]
@@ -484,20 +516,20 @@ def curve_tables(curve, results, args):
 
 
 def control_tables(results, args):
+    fractions = sorted({fraction for at in results["controls"].values() for fraction in at})
     lines = ["## The controls: the same method trained on shuffled or blank reports", "",
              "Each method with the real training reports against itself trained on another "
              "training report's text (shuffled: the statistics of reports without their "
              "information) or on an empty text (blank); validation and test keep their reports. "
              "A difference above 0 is what the report's information adds.", ""]
-    for key in ("macro_auroc", "chexpert5_auroc"):
-        columns = [f"real − control, {KEYS[key]}, fraction {fraction}"
-                   for fraction in results["curve"]]
+    for key in auroc_keys(results):
+        columns = [f"real − control, {KEYS[key]}, fraction {fraction}" for fraction in fractions]
         lines += ["| method | control | " + " | ".join(columns) + " |",
-                  "|---|---|" + "---|" * len(results["curve"])]
+                  "|---|---|" + "---|" * len(fractions)]
         for (method, control), at in results["controls"].items():
             lines.append(f"| {method} | {control} | " + " | ".join(
                 difference(at[fraction], key, args.bootstrap) if fraction in at else "–"
-                for fraction in results["curve"]) + " |")
+                for fraction in fractions) + " |")
         lines.append("")
     return lines
 
@@ -511,24 +543,25 @@ def ablation_tables(results, args):
              "resamples. The authors' variant turns on all of their switches (`--preset authors`: "
              "q(z|t), f([z; h_x]), KL(p||q), a cyclical beta, 100 samples averaged) and keeps "
              "everything else here (the plan's encoder, beta 0.1).", "",
-             "| setting | train.py flags | macro AUROC | − image | − vkd (defaults) | macro AUPRC "
-             "| − image | − vkd (defaults) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | train.py flags | "
+             + " | ".join(f"{KEYS[key]} | − image | − vkd (defaults)" for key in results["keys"])
+             + " |", "|---|---|" + "---|---|---|" * len(results["keys"])]
     for setting, (against_image, against_defaults) in results["ablations"].items():
         method, flags = ABLATIONS.get(setting, ("vkd", []))
         flags = " ".join((["--method", method] if method != "vkd" else []) + flags) or "(defaults)"
         row = [cell(setting), f"`{flags}`"]
-        for key in ("macro_auroc", "macro_auprc"):
+        for key in results["keys"]:
             row += [estimate(against_image, key) if against_image else "–",
                     difference(against_image, key, resamples) if against_image else "–",
                     difference(against_defaults, key, resamples) if against_defaults else "–"]
         lines.append("| " + " | ".join(row) + " |")
     if results["classifier"]:
         lines += ["", f"Against the image baseline with the same classifier ({cell(CONTROL)}):", "",
-                  "| setting | − that baseline, macro AUROC | − that baseline, macro AUPRC |",
-                  "|---|---|---|"]
-        lines += [f"| {cell(setting)} | {difference(method, 'macro_auroc', resamples)} | "
-                  f"{difference(method, 'macro_auprc', resamples)} |"
+                  "| setting | " + " | ".join(f"− that baseline, {KEYS[key]}"
+                                             for key in results["keys"]) + " |",
+                  "|---|" + "---|" * len(results["keys"])]
+        lines += [f"| {cell(setting)} | " + " | ".join(difference(method, key, resamples)
+                                                       for key in results["keys"]) + " |"
                   for setting, method in results["classifier"].items()]
     return lines + [""]
 
@@ -554,9 +587,13 @@ def write_document(args, grids, evaluated, diagnosed, header):
     results = {"curve": curve_rows(curve, evaluated, args),
                "controls": control_rows(curve, controls, evaluated, args),
                "ablations": ablation_rows(curve, ablations, evaluated, args),
-               "classifier": classifier_rows(ablations, evaluated, args), "diagnosed": diagnosed}
+               "classifier": classifier_rows(ablations, evaluated, args), "diagnosed": diagnosed,
+               "keys": summary_keys(evaluated)}
     first = next(iter(results["curve"].values()), None)
     lines = ["# Which way of using the report helps, and when?", "", *header, ""]
+    if evaluated:
+        run = next(iter(evaluated.values()))
+        lines += [labelling_line(run.labels_from, run.unit) + ".", ""]
     if first is not None:
         lines += [f"Test split: {first['num_images']} images; 95% intervals: bootstrap over "
                   f"{first['num_bootstrap_units']} {first['bootstrap_unit']} ({args.bootstrap} "
@@ -564,7 +601,7 @@ def write_document(args, grids, evaluated, diagnosed, header):
                   f"comparison; p: two-sided, for no difference. The macro mean averages the "
                   f"labels evaluable in the test split; the CheXpert 5 mean the five competition "
                   f"labels (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion).",
-                  "", labelling_line(first["labels_from"], first["bootstrap_unit"]) + ".", ""]
+                  ""]
     lines += ["## What it found", "", *findings(results, args.bootstrap), "",
               pictures(args, results), "", *curve_tables(curve, results, args),
               *control_tables(results, args), *ablation_tables(results, args),
@@ -586,7 +623,7 @@ def errorbars(ax, x, stats, **style):
 def curve_picture(plt, results, path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     fractions = list(results["curve"])
-    for ax, key in zip(axes, ("macro_auroc", "chexpert5_auroc")):
+    for ax, key in zip(axes, results["keys"]):
         for i, method in enumerate(METHODS):
             errorbars(ax, fractions, [r["methods"][i][key] for r in results["curve"].values()],
                       label=method)
@@ -696,7 +733,8 @@ def diagnose(grids, evaluated, args):
                  if ABLATIONS[setting][0] == "vkd"}
     diagnosed = {}
     for setting, names in settings.items():
-        ds = [diagnostics(args.out / name / "best.pt") for name in names if name in evaluated]
+        ds = [diagnostics(args.out / name / "best.pt", args.device) for name in names
+              if name in evaluated]
         if ds:
             diagnosed[setting] = ds
     return diagnosed
@@ -709,9 +747,8 @@ def header_lines(args, done, start):
     span_s = ((max((args.out / name / "metrics.json").stat().st_mtime for name in done)
                - min((args.out / name / "splits.json").stat().st_mtime for name in done))
               if done else 0)
-    command = " ".join(["python study.py", *(["--quick"] if args.quick else []),
-                        *([] if args.data == "demo" else ["--data", args.data]),
-                        *([] if args.plan == "demo" else ["--plan", args.plan])])
+    # the command that trains and writes all of it (--report-only only writes)
+    command = shlex.join(["python", "study.py", *(a for a in args.argv if a != "--report-only")])
     device = (torch.cuda.get_device_name() if torch.cuda.is_available() else
               f"{cpu_name()}, {os.cpu_count()} cores")
     threads = args.threads or "torch's default"
@@ -725,8 +762,9 @@ def header_lines(args, done, start):
             f"document, and the runs it trained)",
             f"- every run: `python train.py {' '.join(collection_flags(args) + plan['settings'])} "
             f"{' '.join(COMMON)} --method M --train-fraction F --seed S`; seeds "
-            f"{', '.join(map(str, plan['seeds']))}; distill adds `--teacher` the text run of its "
-            f"fraction and seed, a control `--report-control shuffled` or `blank`"]
+            f"{', '.join(map(str, plan['seeds']))}; a distill run also gets `--teacher`, the "
+            f"text run of its fraction and seed, and a control `--report-control shuffled` or "
+            f"`blank`"]
 
 
 def study(args):
@@ -743,7 +781,10 @@ def study(args):
     done = [name for name in runs if finished(args.out, name)]
     print(f"evaluating {len(done)} finished runs on the test split, and the vkd runs' "
           f"diagnostics on validation")
-    evaluated = {name: evaluate.evaluate_checkpoint(args.out / name / "best.pt")
+    # on the GPU when there is one: densenet121 at 224 px over every run's test split
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluated = {name: evaluate.evaluate_checkpoint(args.out / name / "best.pt", "test",
+                                                    args.device)
                  for name in tqdm(done, desc="evaluate", unit="run")}
     diagnosed = diagnose(grids, evaluated, args)
     write_document(args, grids, evaluated, diagnosed, header_lines(args, done, start))

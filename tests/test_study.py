@@ -167,3 +167,7 @@ def test_a_study_on_another_collection_runs_its_options_and_writes_into_its_fold
         study.get_args(["--quick", "--plan", "gpu"])
     with pytest.raises(SystemExit):
         study.get_args(["--no-such-option"])
+    with pytest.raises(SystemExit):                   # the plan sets the training options
+        study.get_args(["--data", "openi", "--epochs", "3"])
+    assert study.get_args(["--data", "mimic", "--uncertain", "ignore"]).data_flags == [
+        "--uncertain", "ignore"]

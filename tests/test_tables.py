@@ -568,7 +568,8 @@ def test_the_study_runs_on_mimic_with_its_options_and_writes_into_its_folder(mim
         study.main(["--data", "mimic", "--data-dir", str(mimic[0]), "--uncertain", "ignore",
                     "--out", str(out), "--bootstrap", "50"])
     document = (out / "STUDY.md").read_text()
-    assert "Written by `python study.py --data mimic`" in document
+    assert (f"Written by `python study.py --data mimic --data-dir {mimic[0]} --uncertain ignore "
+            f"--out {out} --bootstrap 50`") in document
     assert ("labels: the CheXpert labeller (mimic-cxr-2.0.0-chexpert.csv); uncertain: left out "
             "of loss and metrics (--uncertain ignore); views: frontal (PA, AP); bootstrap unit: "
             "patients") in document

@@ -19,7 +19,7 @@ from vkd.summary import labelling_line
 # the rows of a table's summaries: the macro mean over the labels, the mean over the five CheXpert
 # competition labels, the micro value
 KINDS = {"macro": "macro", "chexpert5": "CheXpert 5 mean", "micro": "micro"}
-UNDEFINED = {"macro": "n/a", "chexpert5": "n/a (not all five labels)", "micro": "n/a"}
+UNDEFINED = {"macro": "n/a", "chexpert5": "n/a (not all five defined)", "micro": "n/a"}
 
 class Evaluated(NamedTuple):
     """One checkpoint evaluated on one split: what compare_runs compares."""

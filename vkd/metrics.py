@@ -80,29 +80,21 @@ def average_precision(y, score):
 METRICS = {"auroc": auroc, "auprc": average_precision}
 
 
-def mean_of_defined(values):
-    """Mean over the last axis of the values that are defined (not NaN); NaN where none is."""
-    values = np.asarray(values, dtype=np.float64)
-    defined = ~np.isnan(values)
-    total = np.where(defined, values, 0.0).sum(axis=-1)
-    count = defined.sum(axis=-1)
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
 def chexpert5_mean(per_label, label_names):
-    """Mean of per-label values (..., K) over the five competition labels, those undefined left out
-    as the macro mean leaves them; NaN when `label_names` lacks one of the five (a CSV's own)."""
+    """Mean of per-label values (..., K) over the five competition labels; NaN unless all five are
+    defined (a label with one class in the split, or labels without the five, a CSV's own): a mean
+    of four would be another number under the same name."""
     if label_names is None or not set(CHEXPERT5) <= set(label_names):
         return np.full(np.shape(per_label)[:-1], np.nan)
     columns = [list(label_names).index(name) for name in CHEXPERT5]
-    return mean_of_defined(np.asarray(per_label)[..., columns])
+    return np.asarray(per_label, dtype=np.float64)[..., columns].mean(axis=-1)
 
 
 def metric_summary(metric, y, p, label_names=None):
     """Per-label values of `metric` on (N, K) arrays; their macro average over the labels where it
-    is defined (both classes observed; the others are left out, never counted as 0) and over the
-    five competition labels (chexpert5_mean, NaN without label names); and the micro value over all
-    observed (sample, label) pairs."""
+    is defined (both classes observed; the others are left out, never counted as 0); their mean
+    over the five competition labels (chexpert5_mean, NaN without label names); and the micro value
+    over all observed (sample, label) pairs."""
     per_label = np.array([metric(y[:, k], p[:, k]) for k in range(y.shape[1])])
     defined = ~np.isnan(per_label)
     return {"per_label": per_label,
@@ -133,7 +125,8 @@ def bootstrap_draws(y, predictions, groups, num_resamples=1000, seed=0, label_na
     """AUROC and AUPRC of each (N, K) array in `predictions` on the same resamples of groups, so
     that differences between them are paired. Returns one dict per array: "auroc" and "auprc"
     (R, K), NaN where a resample leaves a label with one class, and each of SUMMARY_KEYS (R,).
-    A resample's macro (and five-label) mean averages the labels defined in that resample."""
+    A resample's macro mean averages the labels defined in that resample; its five-label mean is
+    NaN when one of the five is not, and the interval leaves that resample out."""
     draws = [{key: [] for key in (*METRICS, *SUMMARY_KEYS)} for _ in predictions]
     for idx in bootstrap_indices(groups, num_resamples, seed):
         for draw, p in zip(draws, predictions):

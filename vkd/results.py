@@ -47,8 +47,8 @@ import data
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
 from vkd import options
-from vkd.compare import (ADDED_OPTIONS, KINDS, NOT_THE_METHOD, cell, difference_cell, p_value,
-                         signed)
+from vkd.compare import (ADDED_OPTIONS, KINDS, NOT_THE_METHOD, UNDEFINED, cell, difference_cell,
+                         p_value, signed)
 from vkd.download import OPENI_REPORTS_SHA256, file_sha256
 from vkd.openi import iter_report_files, parse_report
 from vkd.pictures import PlotError, pyplot
@@ -94,8 +94,8 @@ SUMMARIES = (("macro_auroc", "macro AUROC"), ("chexpert5_auroc", "CheXpert 5 mea
              ("micro_auroc", "micro AUROC"), ("macro_auprc", "macro AUPRC"),
              ("micro_auprc", "micro AUPRC"))
 # the code an evaluation's saved result depends on: a change to any of these evaluates again
-EVALUATION_CODE = ("evaluate.py", "data.py", "model.py", "vkd/metrics.py", "vkd/compare.py",
-                   "vkd/analysis.py", "vkd/calibration.py", "vkd/summary.py", "vkd/bow.py")
+EVALUATION_CODE = ("*.py", "vkd/*.py", "config/*.py")
+NOT_EVALUATION_CODE = ("study.py", "vkd/results.py")           # they only read the results
 
 
 def get_args(argv=None):
@@ -436,8 +436,9 @@ def cached(job, folder):
 
 def evaluation_code():
     """The sha256 of the code an evaluation depends on (EVALUATION_CODE)."""
-    return hashlib.sha256(b"".join((REPO / name).read_bytes() for name in EVALUATION_CODE)
-                          ).hexdigest()
+    files = sorted(path for pattern in EVALUATION_CODE for path in REPO.glob(pattern)
+                   if str(path.relative_to(REPO)) not in NOT_EVALUATION_CODE)
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
 
 
 def run_evaluation(job, folder, threads):
@@ -603,7 +604,7 @@ def runs_table(result):
              "macro AUPRC | probabilities |",
              "|---|---|---:|---:|---|---|---|---|"]
     for run in result["runs"]:
-        cells = [cell(run[key], run[f"{key}_ci95"])
+        cells = [cell(run[key], run[f"{key}_ci95"], None, UNDEFINED[key.split("_")[0]])
                  for key in ("macro_auroc", "chexpert5_auroc", "macro_auprc")]
         lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | "
                      f"{run['best_epoch']} | " + " | ".join(cells) + f" | {run['prediction']} |")
