@@ -13,7 +13,6 @@ tokenizer.json, log.jsonl, last.pt and best.pt (plain dicts), metrics.json (test
 best.pt with 95% bootstrap intervals).
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -45,9 +44,7 @@ def get_args(argv=None):
     else:
         parser.set_defaults(**COLLECTIONS[args.data] | PRESETS.get(args.preset, {}))
     args = parser.parse_args(argv)                          # flags given on the command line win
-    if args.method != "all" and args.seeds is None:
-        args.out = args.out or f"runs/{options.run_name(args, args.method, args.seed)}"
-    return options.for_method(args)
+    return options.for_method(args)         # its folder; options the method cannot use turned off
 
 
 # --------------------------------------------------------------------------------------- schedules
@@ -81,11 +78,7 @@ class Run:
     calls: the same module, compiled (--compile) and/or wrapped in DistributedDataParallel."""
     args: argparse.Namespace
     out: Path
-    rank: int
-    main: bool                      # process 0: the only one that prints, logs, saves, evaluates
-    world_size: int
-    device: torch.device
-    amp: str
+    procs: runtime.Processes        # this process's rank, world size, device, autocast mode
     collection: data.Collection
     split_sha256: str
     images: object                  # (N, S, S) uint8: on the device, or the memory-mapped cache
@@ -101,51 +94,43 @@ class Run:
     betas: torch.Tensor             # (total_steps,) the KL weight of every step, on the device
     steps_per_epoch: int
     start_time: float               # time.time() when the run started
-    record: dict = None             # run.json
     step: int = 0                   # optimisation steps taken
     start_epoch: int = 0
     best_auroc: float = -math.inf   # best validation macro AUROC so far
     saved_epoch: int = None         # the last epoch with a checkpoint; None before the first
+    interrupted: dict = None        # --resume: where a stop signal left start_epoch, else None
+    untrained: list = None          # the parameters the method never trains (runtime.restore)
 
 
 def setup(args, start_time):
-    """Processes, data on the device, model, optimizer and, with --resume, their saved state
-    -> (Run, the checkpoint resumed or None)."""
+    """Processes, data on the device, model, optimizer and, with --resume, their saved state."""
     args, checkpoint = runtime.resume_args(args) if args.resume else (args, None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world_size, device, amp = runtime.start(args)     # torchrun or not, seeds, autocast
-    with runtime.main_process_first(rank, world_size):      # it writes splits and the tokenizer
+    procs = runtime.Processes.start(args)         # torchrun or not, seeds, the autocast mode
+    with procs.main_first():                      # it writes the splits and the tokenizer
         collection, split_sha256, tokenizer, cache = data.load_for_run(args, out, checkpoint,
-                                                                       rank == 0)
+                                                                       procs.main)
     train_idx = collection.splits["train"]
     if checkpoint is None:
         args.pixel_mean, args.pixel_std = batching.pixel_statistics(cache, train_idx)
     images, tokens, labels, lengths, weights = batching.on_device(collection, tokenizer, cache,
-                                                                  args, device, rank == 0)
+                                                                  args, procs)
     if args.method == "distill":          # the teacher's logits (N, K) take the reports' place
-        tokens = teachers.teacher_logits(args, collection, cache, split_sha256, device)
-    runtime.check_labels(collection, args.allow_missing_labels, rank == 0)
-    steps_per_epoch = len(train_idx) // args.batch_size                # drop_last
-    if steps_per_epoch == 0:
-        raise data.DataError(f"{len(train_idx)} training images < --batch-size "
-                             f"{args.batch_size}; lower it")
+        tokens = teachers.teacher_logits(args, collection, cache, split_sha256, procs.device)
+    steps_per_epoch = len(train_idx) // args.batch_size      # the incomplete last batch dropped
     model_config = options.model_config(args, len(collection.label_names),
                                         tokenizer.get_vocab_size(), tokenizer.token_to_id("."))
     pos_weight = batching.positive_weights(collection.labels[train_idx], args.pos_weight)
-    model, optimizer, scaler, autocast, betas = build_model(model_config, args, device, amp,
-                                                            steps_per_epoch, pos_weight)
-    run = Run(args=args, out=out, rank=rank, main=rank == 0, world_size=world_size,
-              device=device, amp=amp, collection=collection, split_sha256=split_sha256,
+    model, optimizer, scaler, autocast, betas = build_model(model_config, args, procs.device,
+                                                            procs.amp, steps_per_epoch,
+                                                            pos_weight)
+    run = Run(args=args, out=out, procs=procs, collection=collection, split_sha256=split_sha256,
               images=images, tokens=tokens, labels=labels, lengths=lengths, weights=weights,
               model=model, forward=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
               betas=betas, steps_per_epoch=steps_per_epoch, start_time=start_time)
-    untrained = runtime.restore(run, checkpoint)     # state, frozen parameters, compile, DDP
-    run.record = {"config": vars(args), "environment": runtime.environment(device),
-                  "model": runtime.describe(model), "split_sha256": split_sha256,
-                  "data": collection.summary, "amp": amp, "world_size": world_size,
-                  "preloaded": torch.is_tensor(images), "untrained_parameters": untrained}
-    return run, checkpoint
+    runtime.restore(run, checkpoint)          # saved state, frozen parameters, compile, DDP
+    return run
 
 
 def build_model(model_config, args, device, amp, steps_per_epoch, pos_weight=None):
@@ -190,24 +175,22 @@ def train_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args)
     return parts
 
 
-def train_epoch(run, epoch, stop, interrupted=None):
+def train_epoch(run, epoch, stop, log):
     """One pass over this process's share of the training split -> (loss parts and non-finite steps
-    summed on the device, the epoch's start time). `interrupted`: where a stop left this epoch; its
-    steps are skipped. The host waits for the device only at the first step and every
-    --log-every."""
+    summed on the device, the epoch's start time). The host waits for the device only at the
+    run's first step and every --log-every."""
     args = run.args
     total_steps = run.steps_per_epoch * args.epochs
-    # steps done, loss sums so far, augmentation state: 0, zeros, None for a fresh epoch
-    done, sums, augment_state = runtime.epoch_progress(run, interrupted)
+    # steps done, loss sums so far, augmentation state: 0, zeros, None unless a stop signal left
+    # this epoch part-way (--resume)
+    done, sums, augment_state = stop.resume_point(run)
     # shuffle and augmentation draw from generators of (seed, epoch): a resumed run repeats them
     batches, augment_rng = batching.epoch_batches(run, epoch, done, augment_state)
     run.model.train()
     epoch_start = time.time()
     bar = tqdm(batches, total=run.steps_per_epoch, initial=done, leave=False, unit="step",
-               desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.main)
-    for i, (x, t, y) in enumerate(bar, start=done):
-        x = batching.model_input(x, args.pixel_mean, args.pixel_std, augment_rng, run.rank,
-                                 run.world_size, args.channels_last)   # (B, 1, S, S), augmented
+               desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.procs.main)
+    for i, (x, t, y) in enumerate(bar, start=done):   # x (B, 1, S, S): normalised, augmented
         parts = train_step(run.model, run.forward, run.optimizer, run.scaler, run.autocast,
                            x, t, y, run.betas[run.step], args)
         run.step += 1
@@ -216,11 +199,11 @@ def train_epoch(run, epoch, stop, interrupted=None):
         finite = parts["loss"].isfinite() & parts["grad_norm"].isfinite()
         sums += torch.stack([parts[k].detach().float() for k in LOSS_PARTS[args.method]]
                             + [~finite])
-        runtime.time_first_step(run, epoch_start)    # once per run: a host sync
+        log.first_step(epoch_start)                  # once per run: a host sync
         if args.log_every and (i + 1) % args.log_every == 0:        # a host sync every N steps
             bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}")
         if stop.agreed(i + 1, run.steps_per_epoch, run.step):      # a stop signal: save this step
-            runtime.save_interrupted(run, epoch, i + 1, sums, augment_rng, checkpoint_state)
+            stop.save(run, epoch, i + 1, sums, augment_rng, checkpoint_state)
             raise stop.interrupt()
     return sums, epoch_start
 
@@ -228,16 +211,16 @@ def train_epoch(run, epoch, stop, interrupted=None):
 def end_epoch(run, epoch, sums, epoch_start, log):
     """Loss parts averaged over all processes, a stop on non-finite steps; then (process 0)
     validate, log one line, save last.pt, and best.pt when validation improved."""
-    args, steps = run.args, run.steps_per_epoch * run.world_size
-    sums = runtime.sum_over_processes(sums, run.world_size)
+    args, steps = run.args, run.steps_per_epoch * run.procs.world_size
+    sums = run.procs.sum(sums)                         # the batches of every process
     means = (sums[:-1] / steps).tolist()               # the method's loss parts (LOSS_PARTS)
     bad_steps = int(sums[-1].item())
-    runtime.check_finite(bad_steps, steps, epoch, run.amp, run.out, run.saved_epoch)
+    runtime.check_finite(run, epoch, bad_steps)        # stops before a bad update is saved
     train_time = time.time() - epoch_start
-    rng = runtime.all_rng_states(run)               # every process's, for an exact resume
+    rng = run.procs.rng_states()                       # every process's, for an exact resume
     total_steps = run.steps_per_epoch * args.epochs
     lr = lr_at(run.step - 1, total_steps, args.lr, args.warmup_steps)   # the last step's rate
-    if not run.main:
+    if not run.procs.main:
         return
     val_auroc = validate(run)
     beta = run.betas[run.step - 1].item() if args.method == "vkd" else None   # no KL otherwise
@@ -246,8 +229,7 @@ def end_epoch(run, epoch, sums, epoch_start, log):
               "val_macro_auroc": val_auroc,
               "images_per_s": run.steps_per_epoch * args.batch_size / train_time,
               "epoch_s": time.time() - epoch_start, "nonfinite_steps": bad_steps}
-    tqdm.write(runtime.epoch_line(record, run, epoch))
-    log.write(record)
+    log.epoch(record, epoch)                           # one line, printed and in log.jsonl
     save_checkpoints(run, epoch, rng, val_auroc)
 
 
@@ -255,7 +237,8 @@ def validate(run):
     """Validation macro AUROC of the test-time prediction, the prior mean (`text` reads the
     report)."""
     val_idx = run.collection.splits["val"]
-    p, _ = evaluate.predict(run.model, run.images, run.tokens, val_idx, vars(run.args), run.device)
+    p, _ = evaluate.predict(run.model, run.images, run.tokens, val_idx, vars(run.args),
+                            run.procs.device)
     return auroc_summary(run.collection.labels[val_idx], p)["macro"]
 
 
@@ -291,44 +274,37 @@ def train(args):
     """Train one run; under torchrun every process calls this, and process 0 alone prints, logs,
     saves and evaluates. Returns the test metrics (process 0 of a finished run) or None."""
     with runtime.FolderLock(args.out):            # one run per folder: a second one refuses
-        run, checkpoint = setup(args, time.time())
-        args = run.args
-        if run.main:
-            runtime.write_text(run.out / "run.json", json.dumps(run.record, indent=1))
-            print(runtime.run_line(run))
+        run = setup(args, time.time())
+        args, main_process = run.args, run.procs.main
         last_epoch = args.epochs                  # where this invocation stops (--stop-after)
         if args.stop_after is not None:
             last_epoch = min(args.epochs, run.start_epoch + args.stop_after)
-        # a checkpoint written on a stop signal is part-way through epoch start_epoch
-        interrupted = checkpoint.get("interrupted") if checkpoint is not None else None
-        with runtime.open_log(run) as log, runtime.StopRequest(run) as stop:
-            for epoch in range(run.start_epoch, last_epoch):
-                sums, epoch_start = train_epoch(run, epoch, stop, interrupted)
-                interrupted = None
-                end_epoch(run, epoch, sums, epoch_start, log)
-        if last_epoch < args.epochs and run.main:
+        with runtime.RunLog(run) as log:          # run.json, log.jsonl, metrics.json
+            with runtime.StopRequest(run) as stop:    # Ctrl-C, SIGTERM: save the step, then exit
+                for epoch in range(run.start_epoch, last_epoch):
+                    sums, epoch_start = train_epoch(run, epoch, stop, log)
+                    end_epoch(run, epoch, sums, epoch_start, log)
+            metrics = test(run, log) if last_epoch == args.epochs and main_process else None
+        if last_epoch < args.epochs and main_process:
             print(f"stopped after epoch {last_epoch}/{args.epochs}; continue with: "
-                  f"{runtime.resume_command(run.out, run.world_size)}")
-        metrics = test(run) if last_epoch == args.epochs and run.main else None
-    runtime.finish_distributed(run.world_size)
+                  f"{runtime.resume_command(run.out, run.procs.world_size)}")
+    run.procs.finish()
     return metrics
 
 
-def test(run):
+def test(run, log):
     """The test split is touched once, with the checkpoint chosen on validation -> metrics.json."""
-    out, collection = run.out, run.collection
-    model, checkpoint = evaluate.load_checkpoint(out / "best.pt", run.device)
+    out, collection, device = run.out, run.collection, run.procs.device
+    model, checkpoint = evaluate.load_checkpoint(out / "best.pt", device)
     test_idx = collection.splits["test"]
-    p, _ = evaluate.predict(model, run.images, run.tokens, test_idx, vars(run.args), run.device)
+    p, _ = evaluate.predict(model, run.images, run.tokens, test_idx, vars(run.args), device)
     metrics = evaluate.metrics_report(collection.labels[test_idx], p,
                                       collection.bootstrap_groups[test_idx], run.args.bootstrap,
                                       label_names=collection.label_names,
                                       unit=collection.bootstrap_unit, options=vars(run.args))
     metrics |= {"best_epoch": checkpoint["epoch"] + 1, "method": run.args.method,
                 "wall_s": time.time() - run.start_time}
-    runtime.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    run.record |= {"metrics": metrics, "wall_s": metrics["wall_s"]}
-    runtime.write_text(out / "run.json", json.dumps(run.record, indent=1))
+    log.finish(metrics)                           # metrics.json, and run.json with the metrics
     title = f"test AUROC of {out / 'best.pt'} (best val epoch {metrics['best_epoch']})"
     print(evaluate.format_metrics(metrics, title))
     print(f"wall time {metrics['wall_s']:.0f}s; results in {out}/")
@@ -342,7 +318,7 @@ def main():
             recipe.run_recipe(args, train)
         else:
             train(args)
-    except (data.DataError, runtime.TrainingStopped) as error:
+    except data.DataError as error:       # bad data, or a run that cannot go on
         sys.exit(f"error: {error}")
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: the device ran out of memory at --batch-size {args.batch_size}; try "

@@ -63,7 +63,7 @@ def ddp_worker(rank, world_size, port, out_path):
                              STEP_ARGS)
     if rank == 0:
         torch.save(model.state_dict(), out_path)
-    runtime.finish_distributed(world_size)
+    runtime.Processes(rank, world_size, device).finish()
     torch.distributed.destroy_process_group()
 
 

@@ -371,7 +371,8 @@ def test_a_folder_that_cannot_be_locked_or_written_is_a_warning_or_an_error(tmp_
 
 def test_a_repeated_sigterm_is_ignored_while_the_step_finishes():
     """torchrun passes on a SIGTERM that its whole process group got: the second must not kill."""
-    run = SimpleNamespace(world_size=1, args=SimpleNamespace(log_every=0), device="cpu", rank=0)
+    run = SimpleNamespace(procs=runtime.Processes(0, 1, torch.device("cpu")),
+                          args=SimpleNamespace(log_every=0))
     with runtime.StopRequest(run) as stop:
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)               # would end the process by default

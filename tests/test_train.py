@@ -192,10 +192,11 @@ def test_parameters_no_loss_reaches_are_frozen_without_side_effects():
 
 def test_each_process_gets_its_own_saved_state_back():
     states = [{"torch": torch.tensor([rank])} for rank in range(2)]
-    assert runtime.own_part(states, 1, 2) is states[1]
+    cpu = torch.device("cpu")
+    assert runtime.Processes(1, 2, cpu).own(states) is states[1]
     with pytest.raises(train.data.DataError,
                        match=r"written by 2 process\(es\): resume it with as many"):
-        runtime.own_part(states, 0, 1)
+        runtime.Processes(0, 1, cpu).own(states)
 
 
 def test_streamed_batches_equal_preloaded_batches():

@@ -70,12 +70,15 @@ def place_images(cache, device, preload="auto", chunk=4096):
     return images
 
 
-def on_device(collection, tokenizer, cache, args, device, main_process=True):
-    """The collection ready for training: images (N, S, S) uint8 (on the device, or the
-    memory-mapped cache: place_images), report tokens (N, T), labels (N, K), NaN = not observed, the
-    length of every report (N,) on the CPU with --group-by-length, else None (report_lengths), and
-    with --oversample how often each training image is drawn (draw_weights), else None. Warns when
-    reports are cut."""
+def on_device(collection, tokenizer, cache, args, procs):
+    """The collection ready for training on this process's device (procs.device): images (N, S, S)
+    uint8 (on the device, or the memory-mapped cache: place_images), report tokens (N, T), labels
+    (N, K), NaN = not observed, the length of every report (N,) on the CPU with --group-by-length,
+    else None (report_lengths), and with --oversample how often each training image is drawn
+    (draw_weights), else None. Stops on a training split that cannot be trained (check_training);
+    warns when reports are cut."""
+    check_training(collection, args, procs.main)
+    device, main_process = procs.device, procs.main
     images = place_images(cache, device, args.preload)
     tokens = data.sample_tokens(collection, tokenizer, args.max_len, args.report_control,
                                 args.split_seed)
@@ -91,6 +94,27 @@ def on_device(collection, tokenizer, cache, args, device, main_process=True):
         print(f"warning: {truncated:.0%} of reports are cut at --max-len {args.max_len} tokens; "
               f"consider a larger one")
     return images, tokens, labels, lengths, weights
+
+
+def check_training(collection, args, main_process):
+    """Stop on a label without a positive training image, which cannot be learnt, unless told to go
+    on (--allow-missing-labels); and on a training split smaller than one batch (every epoch drops
+    its incomplete last batch)."""
+    train_idx = collection.splits["train"]
+    missing = [name for k, name in enumerate(collection.label_names)
+               if np.nansum(collection.labels[train_idx, k]) == 0]
+    if missing and not args.allow_missing_labels:
+        them = "it" if len(missing) == 1 else "them"
+        raise data.DataError(f"no positive training image for {', '.join(missing)}: the model "
+                             f"cannot learn {them}. Use more data (or a larger --train-fraction), "
+                             f"another --split-seed, drop the label (--csv-labels), or pass "
+                             f"--allow-missing-labels to train anyway")
+    if missing and main_process:
+        print(f"warning: no positive training image for {', '.join(missing)} "
+              f"(--allow-missing-labels)")
+    if len(train_idx) < args.batch_size:
+        raise data.DataError(f"{len(train_idx)} training images < --batch-size "
+                             f"{args.batch_size}; lower it")
 
 
 def positive_weights(y, mode="sqrt"):
@@ -177,20 +201,25 @@ def epoch_order(train_idx, seed, epoch, batch_size, rank=0, world_size=1, length
 
 
 def epoch_batches(run, epoch, done=0, augment_state=None):
-    """An epoch of train.py's loop -> (this process's batches (x uint8, t, y) from step `done` on,
-    the epoch's augmentation generator or None with --no-augment, set to `augment_state` when a
-    checkpoint part-way through the epoch gave one). Both are seeded by (seed, epoch)."""
-    args, local_batch = run.args, run.args.batch_size // run.world_size
+    """An epoch of train.py's loop -> (this process's batches (x, t, y) from step `done` on, x the
+    model's input (B, 1, S, S), normalised and augmented (model_input); the epoch's augmentation
+    generator, or None with --no-augment, set to `augment_state` when a checkpoint part-way through
+    the epoch gave one). Both the order and the augmentation are seeded by (seed, epoch)."""
+    args, procs = run.args, run.procs
+    local_batch = args.batch_size // procs.world_size
     order = epoch_order(run.collection.splits["train"], args.seed, epoch, args.batch_size,
-                        run.rank, run.world_size, run.lengths, run.weights).to(run.device)
+                        procs.rank, procs.world_size, run.lengths, run.weights).to(procs.device)
     augment_rng = None
     if not args.no_augment:
-        augment_rng = epoch_generator(args.seed, epoch, AUGMENT, run.device)
+        augment_rng = epoch_generator(args.seed, epoch, AUGMENT, procs.device)
         if augment_state is not None:
             augment_rng.set_state(augment_state)
     gather = batches if torch.is_tensor(run.images) else streamed_batches
     rest = order[done * local_batch:]
-    return gather(run.images, run.tokens, run.labels, rest, local_batch, run.lengths), augment_rng
+    gathered = gather(run.images, run.tokens, run.labels, rest, local_batch, run.lengths)
+    inputs = ((model_input(x, args.pixel_mean, args.pixel_std, augment_rng, procs.rank,
+                           procs.world_size, args.channels_last), t, y) for x, t, y in gathered)
+    return inputs, augment_rng
 
 
 def group_by_length(order, lengths, batch_size, generator, window=50):

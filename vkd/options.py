@@ -170,10 +170,12 @@ def build_parser(presets, description=None):
 
 
 def for_method(args, **changes):
-    """args with `changes`. `--method image` and `distill` read no report: the report options that
-    would change nothing but their batches are turned off, so that the saved config says what
-    ran."""
+    """args with `changes`, and the folder of a single run (runs/<run_name>) unless --out names one.
+    `--method image` and `distill` read no report: the report options that would change nothing but
+    their batches are turned off, so that the saved config says what ran."""
     args = argparse.Namespace(**vars(args) | changes)
+    if args.method != "all" and args.seeds is None:
+        args.out = args.out or f"runs/{run_name(args, args.method, args.seed)}"
     if args.method in ("image", "distill"):
         args.group_by_length = args.sentence_shuffle = args.sentence_attention = False
     if args.method == "image":        # distill's control is its teacher's (train.setup)

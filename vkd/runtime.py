@@ -1,22 +1,18 @@
-"""Runtime helpers for train.py: processes, random states, checkpoints on disk, interruption, the
-record of the machine. A student can skip this file: train.py calls each of these by name.
+"""Runtime helpers for train.py: processes, random states, checkpoints on disk, interruption, what
+a run prints and records. A student can skip this file: train.py calls each of these by name.
 
-    setup_distributed / finish_distributed   one code path for 1 or N processes (torchrun, DDP)
-    rng_states / gather_to_main / own_part   every process's random state, saved and restored
-                                             exactly
-    save_checkpoint, write_text              atomic writes: a crash or a full disk never leaves half
-                                             a file (an error names the path and the free space)
-    read_checkpoint                          a read that never runs code (weights_only=True) and
-                                             refuses what train.py did not write
-    resume_args, open_log                    --resume: the run's saved options and its log so far
-    freeze_unreached                         parameters a method never trains, which DDP must not
-                                             wait for
-    StopRequest, test_signal                 Ctrl-C or SIGTERM: stop at an exact step, all
-                                             processes together
-    FolderLock                               one run per --out folder
-    check_labels, check_finite               stop before training a label with no positive image,
-                                             or saving a non-finite update
-    environment                              what a rerun needs to give the same numbers
+    Processes                    this process among the run's (1, or N under torchrun), its device
+                                 and autocast mode; every collective train.py uses
+    save_checkpoint, write_text  atomic writes: a crash or a full disk never leaves half a file (an
+                                 error names the path and the free space)
+    read_checkpoint              a read that never runs code (weights_only=True) and refuses what
+                                 train.py did not write
+    resume_args, restore         --resume: the run's saved options, then its saved state
+    StopRequest                  Ctrl-C or SIGTERM: stop at an exact step, all processes together,
+                                 save it, and resume from it exactly
+    FolderLock                   one run per --out folder
+    RunLog                       run.json, one line per epoch printed and in log.jsonl, metrics.json
+    check_finite                 stop before saving a non-finite update
 """
 import argparse
 import atexit
@@ -28,6 +24,7 @@ import sys
 import subprocess
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +51,7 @@ def setup_distributed(device_name):
 
     The group is created once per process and destroyed when the process exits, because one process
     may train several runs (--method all, --seeds); each run ends at a barrier
-    (finish_distributed)."""
+    (Processes.finish)."""
     if "RANK" not in os.environ:
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         return 0, 1, torch.device(auto if device_name == "auto" else device_name)
@@ -69,21 +66,84 @@ def setup_distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def finish_distributed(world_size):
-    """Every process waits here for rank 0 (still evaluating and saving) before the run is over."""
-    if world_size > 1:
-        dist.barrier()
+@dataclass
+class Processes:
+    """This process among the run's: rank of world_size (1 for `python train.py`, N under
+    torchrun), its device, and the autocast mode there (bf16, fp16 or off). Process 0, the main
+    one, alone prints, logs, saves and evaluates. Every collective that train.py uses is a method
+    here, and each does nothing for a single process."""
+    rank: int
+    world_size: int
+    device: torch.device
+    amp: str = "off"
 
+    @property
+    def main(self):
+        return self.rank == 0
 
-def gather_to_main(value, world_size):
-    """[value of process 0, value of process 1, ...]: what each process must get back on --resume
-    (its RNG states, its loss sums), collected for process 0 to save. One small collective, at a
-    checkpoint only."""
-    if world_size == 1:
-        return [value]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
+    @classmethod
+    def start(cls, args):
+        """The processes (setup_distributed), the autocast mode (--amp auto: bf16 on CUDA, off on
+        a CPU), this process's seed and the GPU's kernels."""
+        rank, world_size, device = setup_distributed(args.device)
+        amp = args.amp
+        if amp == "auto":
+            amp = "bf16" if device.type == "cuda" else "off"
+        if amp == "fp16" and device.type != "cuda":
+            raise DataError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+        if args.batch_size % world_size:
+            raise DataError(f"--batch-size {args.batch_size} must be divisible by the "
+                            f"{world_size} processes")
+        # dropout and latent samples differ between processes; DDP gives all rank 0's weights
+        torch.manual_seed(args.seed + rank)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True        # cuDNN picks kernels for our fixed shapes
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return cls(rank, world_size, device, amp)
+
+    @contextmanager
+    def main_first(self):
+        """Process 0 runs the block first (it draws or reads the data and writes the tokenizer),
+        then the others, which read what it wrote."""
+        if self.rank > 0:
+            dist.barrier()
+        yield
+        if self.rank == 0 and self.world_size > 1:
+            dist.barrier()
+
+    def sum(self, tensor):
+        """The tensor added up over the processes, in place (one all-reduce)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, value):
+        """[value of process 0, value of process 1, ...]: what each process must get back on
+        --resume (its RNG states, its loss sums), collected for process 0 to save. One small
+        collective, at a checkpoint only."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def own(self, saved):
+        """This process's entry of a per-process list that a checkpoint holds (gather)."""
+        if len(saved) != self.world_size:
+            raise DataError(f"the checkpoint was written by {len(saved)} process(es): resume it "
+                            f"with as many (torchrun --nproc_per_node {len(saved)}), so that each "
+                            f"continues its own random draws")
+        return saved[self.rank]
+
+    def rng_states(self):
+        """Every process's RNG states, for process 0 to save: each resumes its own draws."""
+        return self.gather(rng_states(self.device))
+
+    def finish(self):
+        """Every process waits here for rank 0 (still evaluating and saving) before the run is
+        over."""
+        if self.world_size > 1:
+            dist.barrier()
 
 
 def synchronize(device):
@@ -105,15 +165,6 @@ def set_rng_states(states, device):
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def own_part(saved, rank, world_size):
-    """This process's entry of a per-process list that a checkpoint holds (gather_to_main)."""
-    if len(saved) != world_size:
-        raise DataError(f"the checkpoint was written by {len(saved)} process(es): resume it with "
-                        f"as many (torchrun --nproc_per_node {len(saved)}), so that each continues "
-                        f"its own random draws")
-    return saved[rank]
 
 
 def save_checkpoint(path, checkpoint):
@@ -186,10 +237,54 @@ def resume_args(args):
     return saved, checkpoint
 
 
-def open_log(run):
-    """log.jsonl for process 0 (the others get a log that writes nothing); a resumed run keeps the
-    lines of the epochs its checkpoint has seen."""
-    return EpochLog(run.out / "log.jsonl", run.start_epoch, run.main)
+class RunLog:
+    """What a run tells its user, all from process 0 (the others get a log that does nothing):
+    run.json at the start (the resolved config, the machine, the model, the data), one line per
+    epoch printed and appended to log.jsonl (EpochLog), and at the end metrics.json, with run.json
+    written again to hold the metrics. A resumed run keeps the log lines of the epochs its
+    checkpoint has seen."""
+
+    def __init__(self, run):
+        self.run, self.main = run, run.procs.main
+        if not self.main:
+            return
+        self.record = {"config": vars(run.args), "environment": environment(run.procs.device),
+                       "model": describe(run.model), "split_sha256": run.split_sha256,
+                       "data": run.collection.summary, "amp": run.procs.amp,
+                       "world_size": run.procs.world_size,
+                       "preloaded": torch.is_tensor(run.images),
+                       "untrained_parameters": run.untrained}
+        write_text(run.out / "run.json", json.dumps(self.record, indent=1))
+        print(run_line(run))
+        self.lines = EpochLog(run.out / "log.jsonl", run.start_epoch)
+
+    def first_step(self, epoch_start):
+        """The run's first step: its time and the time from the start (compilation included).
+        Once per run, a host sync."""
+        if not self.main or "first_step_s" in self.record:
+            return
+        synchronize(self.run.procs.device)
+        self.record["first_step_s"] = time.time() - epoch_start
+        self.record["time_to_first_step_s"] = time.time() - self.run.start_time
+
+    def epoch(self, record, epoch):
+        """The epoch's line (epoch_line), printed and appended to log.jsonl."""
+        if self.main:
+            tqdm.write(epoch_line(record, self.run, epoch, self.record))
+            self.lines.write(record)
+
+    def finish(self, metrics):
+        """metrics.json, and run.json again with the metrics and the wall time."""
+        write_text(self.run.out / "metrics.json", json.dumps(metrics, indent=1))
+        self.record |= {"metrics": metrics, "wall_s": metrics["wall_s"]}
+        write_text(self.run.out / "run.json", json.dumps(self.record, indent=1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        if self.main:
+            self.lines.__exit__(*exception)
 
 
 class EpochLog:
@@ -197,17 +292,13 @@ class EpochLog:
     are rewritten atomically (write_text), so a full disk cannot lose them; a line that cannot be
     appended is a DataError (write_error), and --resume later keeps only whole epochs."""
 
-    def __init__(self, path, keep_epochs, main=True):
-        self.path, self.file = path, None
-        if not main:
-            return
+    def __init__(self, path, keep_epochs):
+        self.path = path
         kept = path.read_text().splitlines()[:keep_epochs] if keep_epochs else []
         write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 
     def write(self, record):
-        if self.file is None:
-            return
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -218,11 +309,10 @@ class EpochLog:
         return self
 
     def __exit__(self, *exception):
-        if self.file is not None:
-            try:
-                self.file.close()
-            except OSError:
-                pass                      # the write that failed has raised already
+        try:
+            self.file.close()
+        except OSError:
+            pass                          # the write that failed has raised already
 
 
 # --------------------------------------------------------------------------------- what is trained
@@ -255,17 +345,18 @@ def freeze_unreached(model, t, y, args):
 
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (what SLURM and Kubernetes send before they stop a job) during
-    training: the step in flight finishes, last.pt is written at that exact step, and the run
-    exits with 128 + the signal's number (130, 143); a second signal stops at once. One process
-    checks its flag between steps as a plain Python value (no device sync). Under torchrun (which
-    passes the signal on to every process) see `agreed`."""
+    training: the step in flight finishes, last.pt is written at that exact step (`save`), and the
+    run exits with 128 + the signal's number (130, 143); a second signal stops at once; --resume
+    continues that epoch where it stopped (`resume_point`). One process checks its flag between
+    steps as a plain Python value (no device sync). Under torchrun (which passes the signal on to
+    every process) see `agreed`."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, run):
-        self.world_size, self.log_every, self.device = (run.world_size, run.args.log_every,
-                                                        run.device)
-        self.signal_at = test_signal(run.rank, run.world_size)
+        self.procs, self.log_every = run.procs, run.args.log_every
+        self.world_size = run.procs.world_size
+        self.signal_at = test_signal(run.procs.rank, run.procs.world_size)
 
     def __enter__(self):
         self.signum = 0                       # the signal received; 0: none
@@ -310,13 +401,41 @@ class StopRequest:
                                                   and steps_done % self.log_every == 0):
             return False
         # the largest signal number over the processes: each then exits with the same status
-        flag = torch.tensor(float(self.signum), device=self.device)
+        flag = torch.tensor(float(self.signum), device=self.procs.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.signum = int(flag.item())
         return self.signum > 0
 
     def __exit__(self, *exception):
         self.restore()
+
+    def resume_point(self, run):
+        """Where an epoch starts: (steps done, loss sums (parts + 1,) on the device, the
+        augmentation generator's state): where a stop signal left it (run.interrupted, from the
+        checkpoint resumed; used once), else (0, zeros, None). The sums hold the method's loss
+        parts and the non-finite steps."""
+        interrupted, run.interrupted = run.interrupted, None
+        device = run.procs.device
+        if interrupted is None:
+            return 0, torch.zeros(len(LOSS_PARTS[run.args.method]) + 1, device=device), None
+        sums = run.procs.own(interrupted["sums"]).to(device)
+        return interrupted["steps_done"], sums, interrupted["augment_rng"]
+
+    def save(self, run, epoch, steps_done, sums, augment_rng, checkpoint_state):
+        """last.pt at the exact step, with the loss sums and the augmentation generator of the
+        epoch so far, so that --resume ends exactly as the uninterrupted run would (resume_point).
+        `checkpoint_state` is train.checkpoint_state."""
+        rng = run.procs.rng_states()
+        own_sums = run.procs.gather(sums.cpu())
+        if run.procs.main:
+            augment_state = augment_rng.get_state() if augment_rng is not None else None
+            interrupted = {"steps_done": steps_done, "sums": own_sums, "augment_rng": augment_state}
+            state = checkpoint_state(run, epoch - 1, rng, interrupted=interrupted)
+            save_checkpoint(run.out / "last.pt", state)
+            print(f"\ninterrupted at step {steps_done}/{run.steps_per_epoch} of epoch "
+                  f"{epoch + 1}; saved {run.out}/last.pt. Continue with: "
+                  f"{resume_command(run.out, run.procs.world_size)}")
+        run.procs.finish()
 
 
 class FolderLock:
@@ -378,35 +497,21 @@ def test_signal(rank, world_size):
     return int(step), signal.Signals[name]
 
 
-class TrainingStopped(Exception):
+class TrainingStopped(DataError):
     """The run cannot go on (non-finite losses); the message says which checkpoint is kept and what
-    to try."""
+    to try. A DataError, so that it ends in one `error:` line as bad data does."""
 
 
-def check_labels(collection, allow_missing, main_process):
-    """A label without a positive training image cannot be learnt: stop, unless told to go on."""
-    train_idx = collection.splits["train"]
-    missing = [name for k, name in enumerate(collection.label_names)
-               if np.nansum(collection.labels[train_idx, k]) == 0]
-    if missing and not allow_missing:
-        raise DataError(f"no positive training image for {', '.join(missing)}: the model cannot "
-                        f"learn {'it' if len(missing) == 1 else 'them'}. Use more data (or a "
-                        f"larger --train-fraction), another --split-seed, drop the label "
-                        f"(--csv-labels), or pass --allow-missing-labels to train anyway")
-    if missing and main_process:
-        print(f"warning: no positive training image for {', '.join(missing)} "
-              f"(--allow-missing-labels)")
-
-
-def check_finite(bad_steps, steps, epoch, amp, out, saved_epoch):
-    """Non-finite loss or gradients. With fp16 the GradScaler already skipped those steps (and
-    lowered its scale): they are only counted, unless they are most of the epoch. Otherwise the
-    update has reached the weights, so the run stops here, before anything is saved, and the last
-    good checkpoint stays as it is."""
-    if bad_steps == 0 or (amp == "fp16" and bad_steps <= steps // 2):
+def check_finite(run, epoch, bad_steps):
+    """Non-finite loss or gradients in `bad_steps` steps of the epoch, over all processes. With
+    fp16 the GradScaler already skipped those steps (and lowered its scale): they are only counted,
+    unless they are most of the epoch. Otherwise the update has reached the weights, so the run
+    stops here, before anything is saved, and the last good checkpoint stays as it is."""
+    steps = run.steps_per_epoch * run.procs.world_size
+    if bad_steps == 0 or (run.procs.amp == "fp16" and bad_steps <= steps // 2):
         return
-    kept = (f"{out}/last.pt keeps epoch {saved_epoch + 1}" if saved_epoch is not None
-            else "no checkpoint had been written yet")
+    kept = (f"{run.out}/last.pt keeps epoch {run.saved_epoch + 1}"
+            if run.saved_epoch is not None else "no checkpoint had been written yet")
     raise TrainingStopped(f"non-finite loss or gradients in {bad_steps} of {steps} steps of epoch "
                           f"{epoch + 1}; stopped without saving them ({kept}). Try a lower --lr, "
                           f"--amp bf16 or off, and check the inputs")
@@ -466,112 +571,38 @@ def numerics():
 
 # --------------------------------------------------------------------- what train.py calls by name
 
-def start(args):
-    """-> (rank, world_size, device, amp): the processes (setup_distributed), the autocast mode
-    (auto = bf16 on CUDA, off on a CPU), this process's seed and the GPU's kernels."""
-    rank, world_size, device = setup_distributed(args.device)
-    amp = args.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise DataError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
-    if args.batch_size % world_size:
-        raise DataError(f"--batch-size {args.batch_size} must be divisible by the {world_size} "
-                        f"processes")
-    # dropout and latent samples differ between processes; DDP gives all rank 0's initial weights
-    torch.manual_seed(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True        # cuDNN picks kernels for our fixed shapes
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world_size, device, amp
-
-
-@contextmanager
-def main_process_first(rank, world_size):
-    """Process 0 runs the block first (it draws or reads the data and writes the tokenizer), then
-    the others, which read what it wrote."""
-    if rank > 0:
-        dist.barrier()
-    yield
-    if rank == 0 and world_size > 1:
-        dist.barrier()
-
-
 def restore(run, checkpoint):
-    """A resumed run's weights, optimizer, scaler, progress and this process's RNG states; then the
-    parameters the method never trains are frozen (-> their names) and the model is wrapped for the
-    step: compiled (--compile), in DistributedDataParallel (torchrun)."""
+    """A resumed run's weights, optimizer, scaler, progress (and where a stop signal left its epoch:
+    run.interrupted) and this process's RNG states; then the parameters the method never trains are
+    frozen (run.untrained, their names) and the model is wrapped for the step: compiled
+    (--compile), in DistributedDataParallel (torchrun)."""
     if checkpoint is not None:
         try:
             run.model.load_state_dict(checkpoint["model"])
             run.optimizer.load_state_dict(checkpoint["optimizer"])
             run.scaler.load_state_dict(checkpoint["scaler"])
-            set_rng_states(own_part(checkpoint["rng"], run.rank, run.world_size), run.device)
+            set_rng_states(run.procs.own(checkpoint["rng"]), run.procs.device)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:   # another version's
             raise DataError(f"{run.out}/last.pt does not fit this model.py and its options "
                             f"({str(error).splitlines()[0][:200]})") from error
         run.start_epoch, run.step = checkpoint["epoch"] + 1, checkpoint["step"]
         run.best_auroc, run.saved_epoch = checkpoint["best_auroc"], checkpoint["epoch"]
-    untrained = freeze_unreached(run.model, run.tokens[:2], run.labels[:2], run.args)
+        run.interrupted = checkpoint.get("interrupted")
+    run.untrained = freeze_unreached(run.model, run.tokens[:2], run.labels[:2], run.args)
     run.forward = torch.compile(run.model) if run.args.compile else run.model
-    if run.world_size > 1:                      # gradients averaged over the processes in backward
-        devices = [run.device] if run.device.type == "cuda" else None      # one GPU each, or CPUs
+    if run.procs.world_size > 1:              # gradients averaged over the processes in backward
+        device = run.procs.device
+        devices = [device] if device.type == "cuda" else None           # one GPU each, or CPUs
         run.forward = DistributedDataParallel(run.forward, device_ids=devices)
-    return untrained
-
-
-def epoch_progress(run, interrupted):
-    """Where an epoch starts: (steps done, loss sums (5,) on the device, the augmentation
-    generator's state), from a checkpoint written part-way through it, else (0, zeros, None)."""
-    if interrupted is None:                   # the method's loss parts and the non-finite steps
-        return 0, torch.zeros(len(LOSS_PARTS[run.args.method]) + 1, device=run.device), None
-    sums = own_part(interrupted["sums"], run.rank, run.world_size).to(run.device)
-    return interrupted["steps_done"], sums, interrupted["augment_rng"]
-
-
-def time_first_step(run, epoch_start):
-    """The run's first step: its time and the time from the start (compilation included)."""
-    if "first_step_s" in run.record:
-        return
-    synchronize(run.device)
-    run.record["first_step_s"] = time.time() - epoch_start
-    run.record["time_to_first_step_s"] = time.time() - run.start_time
-
-
-def sum_over_processes(sums, world_size):
-    """The loss sums of every process's batches, added up in place (one all-reduce)."""
-    if world_size > 1:
-        dist.all_reduce(sums)
-    return sums
-
-
-def all_rng_states(run):
-    """Every process's RNG states, for process 0 to save: each resumes its own draws."""
-    return gather_to_main(rng_states(run.device), run.world_size)
-
-
-def save_interrupted(run, epoch, steps_done, sums, augment_rng, checkpoint_state):
-    """Ctrl-C: last.pt at the exact step, with the loss sums and the augmentation generator of the
-    epoch so far, so that --resume ends exactly as the uninterrupted run would. `checkpoint_state`
-    is train.checkpoint_state."""
-    rng = all_rng_states(run)
-    own_sums = gather_to_main(sums.cpu(), run.world_size)
-    if run.main:
-        interrupted = {"steps_done": steps_done, "sums": own_sums,
-                       "augment_rng": augment_rng.get_state() if augment_rng is not None else None}
-        state = checkpoint_state(run, epoch - 1, rng, interrupted=interrupted)
-        save_checkpoint(run.out / "last.pt", state)
-        print(f"\ninterrupted at step {steps_done}/{run.steps_per_epoch} of epoch {epoch + 1}; "
-              f"saved {run.out}/last.pt. Continue with: {resume_command(run.out, run.world_size)}")
-    finish_distributed(run.world_size)
 
 
 def run_line(run):
     """What is trained on what, printed once at the start of a run."""
     where = "preloaded" if torch.is_tensor(run.images) else "streamed"
+    procs = run.procs
     return (f"{run.args.method} on {run.args.data}: {usage(run.collection)}, "
-            f"{run.steps_per_epoch} steps/epoch, device {run.device} x {run.world_size}, "
-            f"amp {run.amp}, images {where}; {describe(run.model)}")
+            f"{run.steps_per_epoch} steps/epoch, device {procs.device} x {procs.world_size}, "
+            f"amp {procs.amp}, images {where}; {describe(run.model)}")
 
 
 def usage(collection):
@@ -587,8 +618,9 @@ SHORT = {"bce_posterior": "bce_q", "bce_prior": "bce_p", "kl": "kl", "distill": 
          "contrastive": "nce"}                   # the loss parts' names in the log line
 
 
-def epoch_line(record, run, epoch):
-    """The one log line of an epoch (and, after the first epoch with --compile, its first step)."""
+def epoch_line(record, run, epoch, run_record):
+    """The one log line of an epoch (and, after the first epoch with --compile, its first step's
+    time from `run_record`, RunLog's)."""
     r, beta = record, record["beta"]
     parts = " ".join(f"{SHORT[name]} {r[name]:{'7.3f' if name == 'kl' else '.3f'}}"
                      for name in LOSS_PARTS[run.args.method][1:])
@@ -597,7 +629,7 @@ def epoch_line(record, run, epoch):
             f"val macro AUROC {r['val_macro_auroc']:.4f} | {r['images_per_s']:.0f} img/s | "
             f"{r['epoch_s']:.1f}s")
     if epoch == run.start_epoch and run.args.compile:
-        line += (f"\ntorch.compile: the first step took {run.record['first_step_s']:.1f}s, "
+        line += (f"\ntorch.compile: the first step took {run_record['first_step_s']:.1f}s, "
                  f"compilation included")
     return line
 
