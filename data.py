@@ -22,11 +22,11 @@ import numpy as np
 from vkd.demo import make_demo
 from vkd.download import fetch_openi
 from vkd.image_cache import cached_images
-from vkd.openi import OPENI_URL, labels_from_mesh, read_openi
+from vkd.openi import labels_from_mesh, read_openi
 from vkd.options import add_data_args
 from vkd.reports import LABELS, DataError
 from vkd.runtime import write_text
-from vkd.summary import JSON_SUMMARY_KEYS, count_used, drop_undecodable, labelling, print_summary
+from vkd.summary import count_used, drop_undecodable, labelling, show_summary
 from vkd.tables import read_csv, read_mimic
 from vkd.text_tuning import UNK
 
@@ -130,11 +130,11 @@ def openi_collection(root, reports_source, images_root, split_seed, strict=False
 
 
 def prepare(data="demo", data_dir="data", split_seed=0, demo_reports=1500, demo_seed=0,
-            openi_url=OPENI_URL, strict=False, uncertain="zeros", mimic_labels="chexpert",
+            openi_url=None, strict=False, uncertain="zeros", mimic_labels="chexpert",
             views="frontal", csv=None, csv_image_column="image", csv_text_column="text",
             csv_labels=None, csv_patient_column="patient_id"):
-    """Read a collection (drawing the demo or downloading OpenI first if needed) -> Collection.
-    Images are not decoded here."""
+    """Read a collection (drawing the demo or downloading OpenI first if needed; openi_url None:
+    the official address) -> Collection. Images are not decoded here."""
     if data == "demo":
         folder = Path(data_dir) / f"demo-{demo_reports}-seed{demo_seed}"
         root = make_demo(folder, demo_reports, demo_seed)
@@ -326,11 +326,7 @@ def main():
         image_cache(collection, args.image_size, args.strict)
     except DataError as error:
         sys.exit(f"error: {error}")
-    if args.json:                        # stdout carries only the result: one JSON object
-        summary = collection.summary
-        print(json.dumps({k: summary[k] for k in JSON_SUMMARY_KEYS if k in summary}))
-    else:
-        print_summary(collection.summary, collection.label_names)
+    show_summary(collection, args.json)      # a table, or one JSON object
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def load_collection(checkpoint, checkpoint_path, data_options=None, with_text=Fa
         tokenizer = data.load_tokenizer(Path(checkpoint_path).parent / "tokenizer.json")
         tokens = data.sample_tokens(collection, tokenizer, checkpoint["model_config"]["max_len"])
     labels = analysis.match_labels(collection, checkpoint["label_names"], options["data"],
-                          checkpoint_path)
+                                   checkpoint_path)
     return (images, tokens, labels, collection.bootstrap_groups, collection.bootstrap_unit,
             collection.splits)
 

@@ -261,7 +261,7 @@ def png_folder(root):
     return folders[0] if folders else None
 
 
-def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA256,
+def fetch_openi(data_dir, base_url=None, reports_sha256=OPENI_REPORTS_SHA256,
                 reports_size=OPENI_REPORTS_SIZE, images_sha256=None, images_size=None, retries=3):
     """Make sure the OpenI reports and PNG folder are there (see openi_root), downloading only what
     is missing.
@@ -270,8 +270,9 @@ def fetch_openi(data_dir, base_url=OPENI_URL, reports_sha256=OPENI_REPORTS_SHA25
     archives, ecgen-radiology/, NLMCXR_png/ or another folder of PNGs) are used as they are. The
     reports are read straight from the .tgz; the PNG archive is extracted into NLMCXR_png/
     (find_images searches it recursively, so it does not matter whether the archive has a top
-    folder).
+    folder). base_url None: the official address, OPENI_URL.
     """
+    base_url = base_url or OPENI_URL
     root = openi_root(data_dir)
     reports_dir, reports_tgz = root / "ecgen-radiology", root / "NLMCXR_reports.tgz"
     images_tgz = root / "NLMCXR_png.tgz"

@@ -1,5 +1,6 @@
 """The counts of a collection, and their printing (data.py): what training uses, recounted when
 images that cannot be decoded leave the splits. A student can skip this file."""
+import json
 import sys
 
 import numpy as np
@@ -75,6 +76,16 @@ def drop_undecodable(collection, undecodable, strict=False):
     # recounted: it may have been only in dropped reports
     summary.pop("ignored_uncertain", None)
     summary.update(count_used(collection))
+
+
+def show_summary(collection, as_json=False):
+    """What `python data.py` prints: the counts of the collection's summary as a table, or with
+    `as_json` as one JSON object on stdout (and nothing else there)."""
+    summary = collection.summary
+    if as_json:
+        print(json.dumps({k: summary[k] for k in JSON_SUMMARY_KEYS if k in summary}))
+    else:
+        print_summary(summary, collection.label_names)
 
 
 def print_summary(summary, label_names):
