@@ -77,12 +77,12 @@ def test_the_notebook_runs_top_to_bottom_on_a_cpu(tmp_path, monkeypatch):
     assert "vkd - image" in text and "the paired comparison:" in text
     assert (runs / "compare" / "roc.png").is_file()
     assert images >= 2, f"{images} image/png outputs: the training and ROC curves"
-    # part 5: skipped, and the command it would run is a valid train.py command line
+    # part 5: skipped, and the commands it would run are valid train.py command lines
     assert "Part 5 skipped: no GPU" in text and not (runs / "gpu").exists()
-    command = next(line for line in text.splitlines() if line.startswith("  python train.py"))
-    args = train.get_args(shlex.split(command)[2:])
-    assert (args.data, args.method, args.backbone, args.image_size) == \
-        ("openi", "all", "densenet121", 224)
+    commands = [line for line in text.splitlines() if line.startswith("  python train.py")]
+    parsed = [train.get_args(shlex.split(command)[2:]) for command in commands]
+    assert [(args.data, args.method, args.backbone, args.image_size) for args in parsed] == \
+        [("openi", method, "densenet121", 224) for method in ("image", "vkd", "text")]
     assert top_level() == before, "the notebook wrote into the repository"
     assert (REPO / "runs" / "notebook").exists() == notebook_runs_existed
 
