@@ -84,3 +84,61 @@ def test_every_module_constant_is_used_and_every_url_written_once():
     assert not unused, f"module-level constants that nothing uses: {unused}"
     repeated = {url: where for url, where in urls.items() if len(where) > 1}
     assert not repeated, f"URLs written more than once (define each once and import it): {repeated}"
+
+
+PROJECT_MODULES = [path for path in SOURCES if path.parent.name != "tests"]
+# names from elsewhere that the docs give in backticks: a launcher and a Kubernetes setting
+OUTSIDE_DOC_NAMES = {"srun", "terminationGracePeriodSeconds"}
+EXTERNAL_MODULES = {"torch", "nn", "F", "np", "dist", "torchvision", "tokenizers", "sklearn"}
+FILE_ENDINGS = (".py", ".md", ".json", ".jsonl", ".png", ".pt", ".xml", ".csv", ".tgz", ".npy",
+                ".txt", ".ipynb", ".toml", ".jpg")
+
+
+def resolve(obj, attributes):
+    """Whether obj.a.b... exists; a dataclass field counts as an attribute of its class."""
+    for attribute in attributes:
+        fields = getattr(obj, "__dataclass_fields__", {})
+        if attribute in fields:
+            return attribute == attributes[-1]
+        if not hasattr(obj, attribute):
+            return False
+        obj = getattr(obj, attribute)
+    return True
+
+
+def test_every_name_the_docs_give_exists():
+    """A name in backticks in the README or docs/ (`runtime.RunLog`, `VKD.predict`,
+    `show_summary`) must exist: an attribute of the project's module where it starts with one, of
+    the class or function where it starts with one of theirs, and else a word of the code. A
+    renamed function cannot leave the tour pointing at its old name."""
+    import importlib
+    modules = {path.stem: importlib.import_module(module_name(path))
+               for path in PROJECT_MODULES if path.stem != "__init__"}
+    top_level = {name: getattr(module, name) for module in modules.values()
+                 for name in dir(module) if not name.startswith("_")}
+    code_words = set()
+    for path in SOURCES:
+        code_words |= set(re.findall(r"\w+", path.read_text(encoding="utf-8")))
+    stale = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+            if (not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", span)
+                    or span.endswith(FILE_ENDINGS) or span in OUTSIDE_DOC_NAMES):
+                continue
+            first, *rest = span.split(".")
+            if first in EXTERNAL_MODULES:
+                continue
+            if first in modules:
+                found = resolve(modules[first], rest)
+            elif first in top_level and rest:
+                found = resolve(top_level[first], rest)
+            else:
+                found = all(part in code_words for part in span.split("."))
+            if not found:
+                stale.append(f"{page.name}: {span}")
+    assert not stale, f"names in backticks that the code does not have: {stale}"
+
+
+def module_name(path):
+    relative = path.relative_to(REPO).with_suffix("")
+    return ".".join(relative.parts)
