@@ -873,15 +873,15 @@ def openi_section(args, sets, plan, jobs, results, available):
               "|---|---|---|---|---|---|"]
     for k in splits:
         ev, name = results[f"openi-split{k}-bow"], main_runs[k]
-        best, log = read_json(args.out / name / "metrics.json")["best_epoch"], epoch_log(args.out,
-                                                                                          name)
+        best = read_json(args.out / name / "metrics.json")["best_epoch"]
+        log = epoch_log(args.out, name)
         bow = ev["bag_of_words"]
         lines.append(f"| {k} | {cell(ev['macro_auroc'], ev['macro_auroc_ci95'])} | "
                      f"{cell(ev['chexpert5_auroc'], ev['chexpert5_auroc_ci95'])} | {best} of "
                      f"{len(log)} ({log[best - 1]['val_macro_auroc']:.3f}) | {weak_labels(ev)} | "
                      f"{cell(bow['macro_auroc'], bow['macro_auroc_ci95'])} |")
-    lines += ["", *openi_commands(args, sets, jobs, splits), *openi_reading(args, sets, results,
-                                                                              main_runs), ""]
+    lines += ["", *openi_commands(args, sets, jobs, splits),
+              *openi_reading(args, sets, results, main_runs), ""]
     lines += run_to_run(args, teacher, results, splits)
     lines += rare_labels(args, teacher, results, splits, seed)
     return lines + timing(args, sets) + openi_defaults()
