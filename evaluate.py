@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 import data
-from vkd.metrics import bootstrap_draws, resampled, run_report
 from model import PRIOR_MEAN_ONLY, VKD, VKDConfig
 from vkd import analysis
 from vkd.compare import Evaluated, compare_runs, format_comparison, format_metrics
+from vkd.metrics import bootstrap_draws, resampled, run_report
 from vkd.options import build_evaluate_parser
 from vkd.pictures import PlotError
 from vkd.reports import LABELS

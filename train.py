@@ -27,12 +27,11 @@ import data
 import evaluate
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
-from vkd.metrics import auroc_summary
 from model import LOSS_PARTS, VKD
 from vkd import batching, options, recipe, runtime, teachers
+from vkd.metrics import auroc_summary
 
 # ----------------------------------------------------------------------------------------- options
-
 
 def get_args(argv=None):
     """The command line (vkd/options.py), resolved in one place: the collection's defaults
@@ -245,7 +244,8 @@ def validate(run):
 # ------------------------------------------------------------------------------------- checkpoints
 
 def checkpoint_state(run, epoch, rng, **extra):
-    """last.pt / best.pt: a plain dict of tensors and numbers (loadable with weights_only=True).
+    """last.pt / best.pt: a plain dict of tensors, numbers, strings and containers (loadable with
+    weights_only=True).
     `rng` holds every process's RNG states: each draws its own latent noise and dropout masks."""
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "step": run.step,
