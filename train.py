@@ -245,8 +245,8 @@ def validate(run):
 
 def checkpoint_state(run, epoch, rng, **extra):
     """last.pt / best.pt: a plain dict of tensors, numbers, strings and containers (loadable with
-    weights_only=True).
-    `rng` holds every process's RNG states: each draws its own latent noise and dropout masks."""
+    weights_only=True). `rng` holds every process's RNG states: each draws its own latent noise and
+    dropout masks."""
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "step": run.step,
             "best_auroc": run.best_auroc, "config": vars(run.args),
