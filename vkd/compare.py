@@ -205,16 +205,22 @@ def format_comparison(result):
             cells = [difference_cell(m["difference"][key], resamples) for key in SUMMARY_KEYS]
             lines.append(f"| {m['name']} - {methods[0]['name']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["each run", "",
-              "| run | method | seed | best epoch | macro AUROC | CheXpert 5 mean AUROC "
-              "| macro AUPRC | probabilities |",
-              "|---|---|---:|---:|---|---|---|---|"]
+    lines += ["each run", "", *runs_table(result)]
+    return "\n".join(lines)
+
+
+def runs_table(result):
+    """The table of a comparison's runs: each run's macro AUROC, CheXpert 5 mean and macro AUPRC
+    with their intervals, and how its probabilities were made."""
+    lines = ["| run | method | seed | best epoch | macro AUROC | CheXpert 5 mean AUROC | "
+             "macro AUPRC | probabilities |",
+             "|---|---|---:|---:|---|---|---|---|"]
     for run in result["runs"]:
         cells = [cell(run[key], run[f"{key}_ci95"], None, UNDEFINED[key.split("_")[0]])
                  for key in ("macro_auroc", "chexpert5_auroc", "macro_auprc")]
         lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | "
                      f"{run['best_epoch']} | " + " | ".join(cells) + f" | {run['prediction']} |")
-    return "\n".join(lines)
+    return lines
 
 
 def format_metrics(metrics, title):

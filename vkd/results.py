@@ -47,8 +47,8 @@ import data
 from config.collections import COLLECTIONS
 from config.presets import PRESETS
 from vkd import options
-from vkd.compare import (ADDED_OPTIONS, KINDS, NOT_THE_METHOD, UNDEFINED, cell, difference_cell,
-                         p_value, signed)
+from vkd.compare import (ADDED_OPTIONS, KINDS, NOT_THE_METHOD, cell, difference_cell, p_value,
+                         runs_table, signed)
 from vkd.download import OPENI_REPORTS_SHA256, file_sha256
 from vkd.openi import iter_report_files, parse_report
 from vkd.pictures import PlotError, pyplot
@@ -596,18 +596,6 @@ def differences_table(result):
         lines.append(f"| {method['name']} - {methods[0]['name']} | "
                      + " | ".join(difference(method, key, resamples) for key, _ in SUMMARIES)
                      + " |")
-    return lines
-
-
-def runs_table(result):
-    lines = ["| run | method | seed | best epoch | macro AUROC | CheXpert 5 mean AUROC | "
-             "macro AUPRC | probabilities |",
-             "|---|---|---:|---:|---|---|---|---|"]
-    for run in result["runs"]:
-        cells = [cell(run[key], run[f"{key}_ci95"], None, UNDEFINED[key.split("_")[0]])
-                 for key in ("macro_auroc", "chexpert5_auroc", "macro_auprc")]
-        lines.append(f"| {run['checkpoint']} | {run['method']} | {run['seed']} | "
-                     f"{run['best_epoch']} | " + " | ".join(cells) + f" | {run['prediction']} |")
     return lines
 
 
