@@ -583,6 +583,8 @@ def diagnostics_table(diagnosed):
 
 
 def write_document(args, grids, evaluated, diagnosed, header):
+    """The document; `header()` gives its first lines, called last, so that the time it states
+    includes the comparisons and pictures of the document itself."""
     runs, curve, controls, ablations = grids
     results = {"curve": curve_rows(curve, evaluated, args),
                "controls": control_rows(curve, controls, evaluated, args),
@@ -590,7 +592,7 @@ def write_document(args, grids, evaluated, diagnosed, header):
                "classifier": classifier_rows(ablations, evaluated, args), "diagnosed": diagnosed,
                "keys": summary_keys(evaluated)}
     first = next(iter(results["curve"].values()), None)
-    lines = ["# Which way of using the report helps, and when?", "", *header, ""]
+    lines = []
     if evaluated:
         run = next(iter(evaluated.values()))
         lines += [labelling_line(run.labels_from, run.unit) + ".", ""]
@@ -609,6 +611,7 @@ def write_document(args, grids, evaluated, diagnosed, header):
     missing = [name for name in runs if name not in evaluated]
     if missing:
         lines += ["", f"Not finished, left out: {', '.join(missing)}."]
+    lines = ["# Which way of using the report helps, and when?", "", *header(), "", *lines]
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.doc, "\n".join(lines) + "\n")
 
@@ -752,14 +755,17 @@ def header_lines(args, done, start):
     device = (torch.cuda.get_device_name() if torch.cuda.is_available() else
               f"{cpu_name()}, {os.cpu_count()} cores")
     threads = args.threads or "torch's default"
+    minutes = (time.time() - start) / 60
+    took = (f"writing this document from them took {minutes:.0f} min (evaluation, diagnostics, "
+            f"the comparisons and pictures; --report-only)" if args.report_only else
+            f"this command took {minutes:.0f} min (the runs it trained, evaluation, diagnostics, "
+            f"the comparisons and pictures)")
     return [f"Written by `{command}` from the runs in `{args.out}`; rerun it to check every "
             "number (finished runs are reused).", "",
             f"- machine: {device}, torch {torch.__version__}, {platform.system()}; {args.jobs} "
             f"run(s) side by side, {threads} thread(s) each",
             f"- time: the {len(done)} runs trained in {span_s / 60:.0f} min, from the first "
-            f"start to the last end (their epochs add up to {epochs_s / 60:.0f} min); this "
-            f"command took {(time.time() - start) / 60:.0f} min (evaluation, diagnostics, this "
-            f"document, and the runs it trained)",
+            f"start to the last end (their epochs add up to {epochs_s / 60:.0f} min); {took}",
             f"- every run: `python train.py {' '.join(collection_flags(args) + plan['settings'])} "
             f"{' '.join(COMMON)} --method M --train-fraction F --seed S`; seeds "
             f"{', '.join(map(str, plan['seeds']))}; a distill run also gets `--teacher`, the "
@@ -787,7 +793,7 @@ def study(args):
                                                     args.device)
                  for name in tqdm(done, desc="evaluate", unit="run")}
     diagnosed = diagnose(grids, evaluated, args)
-    write_document(args, grids, evaluated, diagnosed, header_lines(args, done, start))
+    write_document(args, grids, evaluated, diagnosed, lambda: header_lines(args, done, start))
     print(f"wrote {args.doc}")
 
 
