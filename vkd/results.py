@@ -53,7 +53,7 @@ from vkd.download import OPENI_REPORTS_SHA256, file_sha256
 from vkd.openi import iter_report_files, parse_report
 from vkd.pictures import PlotError, pyplot
 from vkd.recipe import METHODS_OF_ALL
-from vkd.runtime import cpu_name
+from vkd.runtime import cpu_name, write_text
 from vkd.summary import labelling_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -455,8 +455,8 @@ def run_evaluation(job, folder, threads):
     for picture in result.get("pictures", []):
         if Path(picture).name not in kept:
             Path(picture).unlink(missing_ok=True)
-    (folder / f"{job.key}.json").write_text(json.dumps({"command": job.argv, "result": result,
-                                                        "code": evaluation_code()}))
+    saved = {"command": job.argv, "result": result, "code": evaluation_code()}
+    write_text(folder / f"{job.key}.json", json.dumps(saved))       # whole, or the one before
     return result
 
 
@@ -1160,7 +1160,7 @@ def write_document(args, sets, plan, jobs, results, available):
              *openi_section(args, sets, plan, jobs, results, available),
              *tiny_section(args, sets, jobs, results)]
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(lines).rstrip("\n") + "\n")
+    write_text(args.doc, "\n".join(lines).rstrip("\n") + "\n")
 
 
 # --------------------------------------------------------------------------------------------- main
