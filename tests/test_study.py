@@ -171,3 +171,24 @@ def test_a_study_on_another_collection_runs_its_options_and_writes_into_its_fold
         study.get_args(["--data", "openi", "--epochs", "3"])
     assert study.get_args(["--data", "mimic", "--uncertain", "ignore"]).data_flags == [
         "--uncertain", "ignore"]
+
+
+def test_the_learning_curve_picture_draws_the_methods_then_the_ways_against_image(tmp_path,
+                                                                                    monkeypatch):
+    """One panel per AUROC summary with the five methods' curves, then one panel with the three
+    ways of using the report minus the image baseline (never a panel mixing the two)."""
+    from vkd.pictures import pyplot
+    plt = pyplot()
+    stats = {"mean": 0.7, "ci95": [0.6, 0.8]}
+    method = {key: stats for key in study.KEYS} | {"difference": {"macro_auroc": {
+        "value": 0.01, "ci95": [-0.01, 0.03]}}}
+    results = {"keys": list(study.KEYS),
+               "curve": {f: {"methods": [method] * len(study.METHODS)} for f in (0.1, 1.0)}}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    study.curve_picture(plt, results, tmp_path / "curve.png")
+    axes = figures[0].axes
+    assert (tmp_path / "curve.png").is_file() and len(axes) == 3
+    labels = [[text.get_text() for text in ax.get_legend().get_texts()] for ax in axes]
+    assert labels == [list(study.METHODS), list(study.METHODS), list(study.WAYS)]
+    assert [ax.get_title() for ax in axes[:2]] == ["macro AUROC", "CheXpert 5 mean AUROC"]
