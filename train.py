@@ -96,9 +96,13 @@ class Run:
     step: int = 0                   # optimisation steps taken
     start_epoch: int = 0
     best_auroc: float = -math.inf   # best validation macro AUROC so far
-    saved_epoch: int = None         # the last epoch with a checkpoint; None before the first
-    interrupted: dict = None        # --resume: where a stop signal left start_epoch, else None
-    untrained: list = None          # the parameters the method never trains (runtime.restore)
+    saved_epoch: int | None = None  # the last epoch with a checkpoint; None before the first
+    interrupted: dict | None = None  # --resume: where a stop signal left start_epoch
+    untrained: list | None = None   # the parameters the method never trains (runtime.restore)
+
+    @property
+    def total_steps(self):
+        return self.steps_per_epoch * self.args.epochs
 
 
 def setup(args, start_time):
@@ -176,10 +180,9 @@ def train_step(model, forward, optimizer, scaler, autocast, x, t, y, beta, args)
 
 def train_epoch(run, epoch, stop, log):
     """One pass over this process's share of the training split -> (loss parts and non-finite steps
-    summed on the device, the epoch's start time). The host waits for the device only at the
-    run's first step and every --log-every."""
+    summed on the device, the epoch's start time, the steps this call ran). The host waits for the
+    device only at the run's first step and every --log-every."""
     args = run.args
-    total_steps = run.steps_per_epoch * args.epochs
     # steps done, loss sums so far, augmentation state: 0, zeros, None unless a stop signal left
     # this epoch part-way (--resume)
     done, sums, augment_state = stop.resume_point(run)
@@ -194,7 +197,7 @@ def train_epoch(run, epoch, stop, log):
                            x, t, y, run.betas[run.step], args)
         run.step += 1
         for group in run.optimizer.param_groups:     # the schedule, last: the next step's rate
-            group["lr"] = lr_at(run.step, total_steps, args.lr, args.warmup_steps)
+            group["lr"] = lr_at(run.step, run.total_steps, args.lr, args.warmup_steps)
         finite = parts["loss"].isfinite() & parts["grad_norm"].isfinite()
         sums += torch.stack([parts[k].detach().float() for k in LOSS_PARTS[args.method]]
                             + [~finite])
@@ -204,29 +207,30 @@ def train_epoch(run, epoch, stop, log):
         if stop.agreed(i + 1, run.steps_per_epoch, run.step):      # a stop signal: save this step
             stop.save(run, epoch, i + 1, sums, augment_rng, checkpoint_state)
             raise stop.interrupt()
-    return sums, epoch_start
+    return sums, epoch_start, run.steps_per_epoch - done
 
 
-def end_epoch(run, epoch, sums, epoch_start, log):
+def end_epoch(run, epoch, sums, epoch_start, steps_run, log):
     """Loss parts averaged over all processes, a stop on non-finite steps; then (process 0)
     validate, log one line, save last.pt, and best.pt when validation improved."""
     args, steps = run.args, run.steps_per_epoch * run.procs.world_size
+    # every process, in this order: the collectives below must meet
     sums = run.procs.sum(sums)                         # the batches of every process
     means = (sums[:-1] / steps).tolist()               # the method's loss parts (LOSS_PARTS)
-    bad_steps = int(sums[-1].item())
-    runtime.check_finite(run, epoch, bad_steps)        # stops before a bad update is saved
+    bad_steps = int(sums[-1].item())                   # waits for the device: the epoch is done
     train_time = time.time() - epoch_start
+    runtime.check_finite(run, epoch, bad_steps)        # stops before a bad update is saved
     rng = run.procs.rng_states()                       # every process's, for an exact resume
-    total_steps = run.steps_per_epoch * args.epochs
-    lr = lr_at(run.step - 1, total_steps, args.lr, args.warmup_steps)   # the last step's rate
     if not run.procs.main:
         return
     val_auroc = validate(run)
+    lr = lr_at(run.step - 1, run.total_steps, args.lr, args.warmup_steps)  # the last step's
     beta = run.betas[run.step - 1].item() if args.method == "vkd" else None   # no KL otherwise
     parts = dict(zip(LOSS_PARTS[args.method], means))
+    images = steps_run * args.batch_size               # none when resumed at the epoch's end
     record = {"epoch": epoch + 1, "step": run.step, **parts, "beta": beta, "lr": lr,
               "val_macro_auroc": val_auroc,
-              "images_per_s": run.steps_per_epoch * args.batch_size / train_time,
+              "images_per_s": images / train_time if steps_run else None,
               "epoch_s": time.time() - epoch_start, "nonfinite_steps": bad_steps}
     log.epoch(record, epoch)                           # one line, printed and in log.jsonl
     save_checkpoints(run, epoch, rng, val_auroc)
@@ -275,15 +279,15 @@ def train(args):
     saves and evaluates. Returns the test metrics (process 0 of a finished run) or None."""
     with runtime.FolderLock(args.out):            # one run per folder: a second one refuses
         run = setup(args, time.time())
-        args, main_process = run.args, run.procs.main
+        args, main_process = run.args, run.procs.main      # --resume: the run's saved options
         last_epoch = args.epochs                  # where this invocation stops (--stop-after)
         if args.stop_after is not None:
             last_epoch = min(args.epochs, run.start_epoch + args.stop_after)
         with runtime.RunLog(run) as log:          # run.json, log.jsonl, metrics.json
             with runtime.StopRequest(run) as stop:    # Ctrl-C, SIGTERM: save the step, then exit
                 for epoch in range(run.start_epoch, last_epoch):
-                    sums, epoch_start = train_epoch(run, epoch, stop, log)
-                    end_epoch(run, epoch, sums, epoch_start, log)
+                    sums, epoch_start, steps_run = train_epoch(run, epoch, stop, log)
+                    end_epoch(run, epoch, sums, epoch_start, steps_run, log)
             metrics = test(run, log) if last_epoch == args.epochs and main_process else None
         if last_epoch < args.epochs and main_process:
             print(f"stopped after epoch {last_epoch}/{args.epochs}; continue with: "

@@ -50,20 +50,24 @@ def problem():
 def ddp_worker(rank, world_size, port, out_path):
     os.environ.update(LOOPBACK, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    rank, world_size, device = runtime.setup_distributed("cpu")
+    procs = runtime.Processes(*runtime.setup_distributed("cpu"))
     model, optimizer, images, tokens, labels, train_idx = problem()
     forward = DistributedDataParallel(model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    # the batches as train.train_epoch gets them: this process's part, normalised and augmented
+    args = SimpleNamespace(batch_size=GLOBAL_BATCH, seed=SEED, no_augment=False, pixel_mean=0.5,
+                           pixel_std=0.25, channels_last=False)
+    run = SimpleNamespace(args=args, procs=procs, images=images, tokens=tokens, labels=labels,
+                          collection=SimpleNamespace(splits={"train": train_idx}), lengths=None,
+                          weights=None)
     for epoch in range(EPOCHS):
-        order = batching.epoch_order(train_idx, SEED, epoch, GLOBAL_BATCH, rank, world_size)
-        augment_rng = torch.Generator().manual_seed(epoch)
-        for x, t, y in batching.batches(images, tokens, labels, order, GLOBAL_BATCH // world_size):
-            x = batching.model_input(x, 0.5, 0.25, augment_rng, rank, world_size)
+        batches, _ = batching.epoch_batches(run, epoch)
+        for x, t, y in batches:
             train.train_step(model, forward, optimizer, scaler, nullcontext(), x, t, y, 0.0,
                              STEP_ARGS)
-    if rank == 0:
+    if procs.main:
         torch.save(model.state_dict(), out_path)
-    runtime.Processes(rank, world_size, device).finish()
+    procs.finish()
     torch.distributed.destroy_process_group()
 
 
@@ -81,7 +85,7 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     steps = 0
     for epoch in range(EPOCHS):
         order = batching.epoch_order(train_idx, SEED, epoch, GLOBAL_BATCH)
-        augment_rng = torch.Generator().manual_seed(epoch)
+        augment_rng = batching.epoch_generator(SEED, epoch, batching.AUGMENT)
         for x, t, y in batching.batches(images, tokens, labels, order, GLOBAL_BATCH):
             x = batching.model_input(x, 0.5, 0.25, augment_rng)
             optimizer.zero_grad(set_to_none=True)

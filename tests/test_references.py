@@ -116,8 +116,8 @@ def test_every_name_the_docs_give_exists():
                for path in PROJECT_MODULES if path.stem != "__init__"}
     top_level = {name: getattr(module, name) for module in modules.values()
                  for name in dir(module) if not name.startswith("_")}
-    code_words = set()
-    for path in SOURCES:
+    code_words = set()                  # this file's own text would vouch for what it names
+    for path in [path for path in SOURCES if path.name != Path(__file__).name]:
         code_words |= set(re.findall(r"\w+", path.read_text(encoding="utf-8")))
     stale = []
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:

@@ -137,6 +137,8 @@ def test_ctrl_c_at_the_last_step_of_an_epoch_resumes_bit_identically_in_process(
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     train.train(train.get_args(["--out", str(out), "--resume"]))
     assert_same_run(tmp / "whole", out)
+    second = json.loads((out / "log.jsonl").read_text().splitlines()[1])
+    assert second["images_per_s"] is None           # the resumed epoch 2 took no step
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(uninterrupted,
@@ -170,6 +172,17 @@ def test_out_of_memory_gives_a_message_not_a_traceback(monkeypatch, capsys):
     with pytest.raises(SystemExit,
                        match=r"ran out of memory at --batch-size 64; try --batch-size 32"):
         train.main()
+
+
+def test_fewer_training_images_than_a_batch_stop_with_the_numbers(uninterrupted):
+    """Every epoch drops its incomplete last batch: a batch larger than the training split would
+    train nothing."""
+    tmp, data_dir = uninterrupted
+    args = TINY + ["--data-dir", str(data_dir), "--out", str(tmp / "big-batch"),
+                   "--batch-size", "4096"]
+    with pytest.raises(train.data.DataError,
+                       match=r"^\d+ training images < --batch-size 4096; lower it$"):
+        train.train(train.get_args(args))
 
 
 def test_a_label_without_training_positives_stops_unless_allowed(uninterrupted):
@@ -372,7 +385,7 @@ def test_a_folder_that_cannot_be_locked_or_written_is_a_warning_or_an_error(tmp_
 def test_a_repeated_sigterm_is_ignored_while_the_step_finishes():
     """torchrun passes on a SIGTERM that its whole process group got: the second must not kill."""
     run = SimpleNamespace(procs=runtime.Processes(0, 1, torch.device("cpu")),
-                          args=SimpleNamespace(log_every=0))
+                          args=SimpleNamespace(log_every=0), interrupted=None)
     with runtime.StopRequest(run) as stop:
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)               # would end the process by default

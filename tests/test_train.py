@@ -360,6 +360,8 @@ def test_run_json_records_what_a_rerun_needs(uninterrupted):
     assert record["config"]["seed"] == 0 and record["config"]["pixel_mean"] > 0
     assert (record["wall_s"] == metrics["wall_s"]
             and record["metrics"]["macro_auroc"] == metrics["macro_auroc"])
+    # the first step's time (compilation included with --compile), and the time to reach it
+    assert 0 < record["first_step_s"] <= record["time_to_first_step_s"] < record["wall_s"]
 
 
 def test_a_report_lost_to_undecodable_images_leaves_the_split_the_run_saves(tmp_path):

@@ -232,8 +232,9 @@ def resume_args(args):
     saved.epochs = args.epochs or saved.epochs
     # the folder given now: a run folder that was moved or copied continues where it is
     saved.out, saved.stop_after, saved.resume = args.out, args.stop_after, True
-    print(f"resuming {last} at epoch {checkpoint['epoch'] + 2}/{saved.epochs} "
-          f"with its saved config")
+    if int(os.environ.get("RANK", "0")) == 0:          # under torchrun: process 0 says it
+        print(f"resuming {last} at epoch {checkpoint['epoch'] + 2}/{saved.epochs} "
+              f"with its saved config")
     return saved, checkpoint
 
 
@@ -356,6 +357,7 @@ class StopRequest:
     def __init__(self, run):
         self.procs, self.log_every = run.procs, run.args.log_every
         self.world_size = run.procs.world_size
+        self.interrupted = run.interrupted      # where an earlier stop left the run, or None
         self.signal_at = test_signal(run.procs.rank, run.procs.world_size)
 
     def __enter__(self):
@@ -373,8 +375,9 @@ class StopRequest:
         when = ("this step" if self.world_size == 1
                 else "up to --log-every steps (all processes stop together)")
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        tqdm.write(f"{name}: finishing {when}, then saving last.pt "
-                   f"(Ctrl-C to quit without saving)")
+        if self.procs.main:
+            tqdm.write(f"{name}: finishing {when}, then saving last.pt "
+                       f"(Ctrl-C to quit without saving)")
 
     def restore(self):
         for s, previous in self.previous.items():
@@ -411,10 +414,10 @@ class StopRequest:
 
     def resume_point(self, run):
         """Where an epoch starts: (steps done, loss sums (parts + 1,) on the device, the
-        augmentation generator's state): where a stop signal left it (run.interrupted, from the
-        checkpoint resumed; used once), else (0, zeros, None). The sums hold the method's loss
+        augmentation generator's state): where an earlier stop left it (the checkpoint resumed;
+        used once, by the first epoch), else (0, zeros, None). The sums hold the method's loss
         parts and the non-finite steps."""
-        interrupted, run.interrupted = run.interrupted, None
+        interrupted, self.interrupted = self.interrupted, None
         device = run.procs.device
         if interrupted is None:
             return 0, torch.zeros(len(LOSS_PARTS[run.args.method]) + 1, device=device), None
@@ -620,15 +623,16 @@ SHORT = {"bce_posterior": "bce_q", "bce_prior": "bce_p", "kl": "kl", "distill": 
 
 def epoch_line(record, run, epoch, run_record):
     """The one log line of an epoch (and, after the first epoch with --compile, its first step's
-    time from `run_record`, RunLog's)."""
-    r, beta = record, record["beta"]
+    time from `run_record`, RunLog's). An epoch that a resumed run enters at its last step runs no
+    step: no images/s, and no first step."""
+    r, beta, rate = record, record["beta"], record["images_per_s"]
     parts = " ".join(f"{SHORT[name]} {r[name]:{'7.3f' if name == 'kl' else '.3f'}}"
                      for name in LOSS_PARTS[run.args.method][1:])
     line = (f"epoch {r['epoch']:3d} step {r['step']:6d} | loss {r['loss']:7.3f} ({parts}) | "
             f"beta {'-' if beta is None else f'{beta:.3f}'} | lr {r['lr']:.2e} | "
-            f"val macro AUROC {r['val_macro_auroc']:.4f} | {r['images_per_s']:.0f} img/s | "
-            f"{r['epoch_s']:.1f}s")
-    if epoch == run.start_epoch and run.args.compile:
+            f"val macro AUROC {r['val_macro_auroc']:.4f} | "
+            f"{'-' if rate is None else f'{rate:.0f}'} img/s | {r['epoch_s']:.1f}s")
+    if epoch == run.start_epoch and run.args.compile and "first_step_s" in run_record:
         line += (f"\ntorch.compile: the first step took {run_record['first_step_s']:.1f}s, "
                  f"compilation included")
     return line
