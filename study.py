@@ -774,8 +774,8 @@ def header_lines(args, done, start):
             f"- every run: `python train.py {' '.join(collection_flags(args) + plan['settings'])} "
             f"{' '.join(COMMON)} --method M --train-fraction F --seed S`; seeds "
             f"{', '.join(map(str, plan['seeds']))}; a distill run also gets `--teacher`, the "
-            f"text run of its fraction and seed, and a control `--report-control shuffled` or "
-            f"`blank`"]
+            f"text run of its fraction and seed, and a control run (vkd, text) "
+            f"`--report-control shuffled` or `blank`"]
 
 
 def study(args):
