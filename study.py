@@ -625,25 +625,27 @@ def errorbars(ax, x, stats, **style):
 
 def curve_picture(plt, results, path):
     """The learning curve of each method (macro AUROC, and the CheXpert 5 mean where the labels
-    have the five), then each way of using the report minus the image baseline."""
+    have the five), then each way of using the report minus the image baseline; a method has one
+    colour in every panel."""
     keys = [key for key in results["keys"] if key.endswith("auroc")]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5.3 * (len(keys) + 1), 4))
     fractions = list(results["curve"])
     for ax, key in zip(axes, keys):
         for i, method in enumerate(METHODS):
             errorbars(ax, fractions, [r["methods"][i][key] for r in results["curve"].values()],
-                      label=method)
+                      label=method, color=f"C{i}")
         ax.set(xscale="log", xlabel="training fraction", ylabel=f"test {KEYS[key]}",
                title=KEYS[key])
         ax.legend(fontsize=8)
     differences = axes[-1]
     for way in WAYS:
+        i = METHODS.index(way)
         errorbars(differences, fractions,
-                  [r["methods"][METHODS.index(way)]["difference"]["macro_auroc"]
-                   for r in results["curve"].values()], label=way)
+                  [r["methods"][i]["difference"]["macro_auroc"] for r in results["curve"].values()],
+                  label=way, color=f"C{i}")
     differences.axhline(0, color="gray", lw=1)
-    differences.set(xscale="log", xlabel="training fraction", ylabel="− image, test macro AUROC",
-                    title="each way − image (95% interval)")
+    differences.set(xscale="log", xlabel="training fraction",
+                    ylabel="way − image, test macro AUROC", title="each way − image (95% interval)")
     differences.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -176,7 +176,8 @@ def test_a_study_on_another_collection_runs_its_options_and_writes_into_its_fold
 def test_the_learning_curve_picture_draws_the_methods_then_the_ways_against_image(tmp_path,
                                                                                     monkeypatch):
     """One panel per AUROC summary with the five methods' curves, then one panel with the three
-    ways of using the report minus the image baseline (never a panel mixing the two)."""
+    ways of using the report minus the image baseline (never a panel mixing the two); a method
+    keeps its colour from panel to panel."""
     from vkd.pictures import pyplot
     plt = pyplot()
     stats = {"mean": 0.7, "ci95": [0.6, 0.8]}
@@ -192,3 +193,6 @@ def test_the_learning_curve_picture_draws_the_methods_then_the_ways_against_imag
     labels = [[text.get_text() for text in ax.get_legend().get_texts()] for ax in axes]
     assert labels == [list(study.METHODS), list(study.METHODS), list(study.WAYS)]
     assert [ax.get_title() for ax in axes[:2]] == ["macro AUROC", "CheXpert 5 mean AUROC"]
+    colours = [{bars.get_label(): bars.lines[0].get_color() for bars in ax.containers}
+               for ax in axes]
+    assert all(colours[2][way] == colours[0][way] == colours[1][way] for way in study.WAYS)
