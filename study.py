@@ -34,10 +34,8 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +49,10 @@ from model import gaussian_kl
 from vkd.compare import NOT_THE_METHOD, compare_runs, difference_cell
 from vkd.metrics import CHEXPERT5, auroc_summary
 from vkd.pictures import PlotError, pyplot
+from vkd.recipe import train_in_parallel
 from vkd.runtime import cpu_name, write_text
 from vkd.summary import labelling_line
 
-HERE = Path(__file__).resolve().parent
 METHODS = ("image", "vkd", "text", "distill", "contrastive")
 # the ways to use a report that only training has, each against the image baseline
 WAYS = ("vkd", "distill", "contrastive")
@@ -226,64 +224,6 @@ def check_plan(runs, args):
             sys.exit(f"error: {args.out / name} was trained with other options than the study "
                      f"plans (option: (trained, planned)) {wrong}; delete that folder or give "
                      f"another --out")
-
-
-def teacher_finished(flags):
-    """Whether the --teacher in a run's flags (if any) has finished (its metrics.json)."""
-    if "--teacher" not in flags:
-        return True
-    return (Path(flags[flags.index("--teacher") + 1]).parent / "metrics.json").exists()
-
-
-def train_all(runs, args):
-    """Train every unfinished run (resuming an interrupted one), --jobs at a time, the distill runs
-    after their teachers -> names of the failed runs."""
-    todo = [name for name in runs if not finished(args.out, name)]
-    # longest first
-    todo.sort(key=lambda name: -float(runs[name][runs[name].index("--train-fraction") + 1]))
-    threads_each = args.threads or "torch's default"
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs finished before; training {len(todo)}, "
-          f"{args.jobs} side by side with {threads_each} thread(s) each; "
-          f"logs in {args.out}/<run>/train.log")
-    threads = {} if args.threads is None else {"OMP_NUM_THREADS": str(args.threads),
-                                               "MKL_NUM_THREADS": str(args.threads)}
-    env = os.environ | threads
-
-    def train_one(name):
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (folder / "last.pt").exists() else []
-        command = [sys.executable, str(HERE / "train.py"), *runs[name],
-                   "--data-dir", str(args.data_dir), "--out", str(folder), *resume]
-        with open(folder / "train.log", "a") as log:
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-    failed = []
-    students = [name for name in todo if "--teacher" in runs[name]]
-    progress = tqdm(total=len(todo), desc="study", unit="run")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        try:
-            for wave in ([name for name in todo if name not in students], students):
-                orphans = [name for name in wave if not teacher_finished(runs[name])]
-                for name in orphans:               # its teacher failed: nothing to learn from
-                    failed.append(name)
-                    progress.update()
-                    tqdm.write(f"run {name} not started: its teacher did not finish")
-                futures = {pool.submit(train_one, name): name for name in wave
-                           if name not in orphans}
-                for future in as_completed(futures):
-                    progress.update()
-                    if future.result() != 0:
-                        failed.append(futures[future])
-                        tqdm.write(f"run {futures[future]} failed: see "
-                                   f"{args.out / futures[future] / 'train.log'}")
-        # Ctrl-C reached the runs too: each saved its last.pt at the exact step
-        except KeyboardInterrupt:
-            pool.shutdown(cancel_futures=True)
-            sys.exit("\nstudy interrupted; the same command continues it (finished runs are kept, "
-                     "others resumed)")
-    progress.close()
-    return failed
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -787,7 +727,9 @@ def study(args):
     check_plan(runs, args)
     if not args.report_only:
         prepare_once(runs, args)
-        failed = train_all(runs, args)
+        data_dir = ["--data-dir", str(args.data_dir)]
+        failed = train_in_parallel({name: flags + data_dir for name, flags in runs.items()},
+                                   args.out, args.jobs, args.threads, "study")
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; the document leaves them out",
                   file=sys.stderr)

@@ -17,7 +17,7 @@ from vkd import metrics
 import train
 from model import VKD, VKDConfig
 from vkd import analysis, gradcam, image_cache
-from vkd.recipe import METHODS_OF_ALL, run_recipe
+from vkd.recipe import METHODS_OF_ALL, run_recipe, train_in_parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--demo-reports", "60", "--image-size", "32", "--batch-size", "16", "--cnn-width", "4",
@@ -167,3 +167,15 @@ def test_every_picture_is_written(recipe, tmp_path):
                                        "--bootstrap", 20).stdout)
     assert sorted(Path(p).name for p in compared["pictures"]) == ["pr.png", "roc.png"]
     assert (tmp_path / "compare" / "roc.png").stat().st_size > 0
+
+
+def test_parallel_runs_report_a_failure_and_never_start_a_student_without_its_teacher(tmp_path):
+    """train_in_parallel (study.py, vkd/results.py): a run that train.py refuses is reported
+    failed with its log, and a distill run whose teacher failed is not started at all."""
+    runs = {"teacher": ["--method", "text", "--epochs", "many"],          # train.py refuses this
+            "student": ["--method", "distill", "--train-fraction", "0.5",
+                        "--teacher", str(tmp_path / "teacher" / "best.pt")]}
+    failed = train_in_parallel(runs, tmp_path, jobs=2, threads=1, desc="test")
+    assert sorted(failed) == ["student", "teacher"]
+    assert "--epochs" in (tmp_path / "teacher" / "train.log").read_text()
+    assert not (tmp_path / "student").exists()

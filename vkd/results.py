@@ -52,7 +52,7 @@ from vkd.compare import (ADDED_OPTIONS, KINDS, NOT_THE_METHOD, cell, difference_
 from vkd.download import OPENI_REPORTS_SHA256, file_sha256
 from vkd.openi import iter_report_files, parse_report
 from vkd.pictures import PlotError, pyplot
-from vkd.recipe import METHODS_OF_ALL
+from vkd.recipe import METHODS_OF_ALL, train_in_parallel
 from vkd.runtime import cpu_name, write_text
 from vkd.summary import labelling_line
 
@@ -282,40 +282,6 @@ def prepare_collections(runs):
 
 def thread_env(threads):
     return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
-def train_all(runs, args):
-    """Train every unfinished run (resuming an interrupted one), --jobs at a time -> names of the
-    failed runs."""
-    todo = [name for name in runs if not finished(args.out, name)]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs finished before; training {len(todo)}, "
-          f"{args.jobs} side by side with {args.threads} thread(s) each; logs in "
-          f"{args.out}/<run>/train.log", flush=True)
-
-    def train_one(name):
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (folder / "last.pt").exists() else []
-        command = [sys.executable, str(REPO / "train.py"), *runs[name], "--out", str(folder),
-                   *resume]
-        with open(folder / "train.log", "a") as log:
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env=thread_env(args.threads)).returncode
-
-    failed = []
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(train_one, name): name for name in todo}
-        try:
-            for future in tqdm(as_completed(futures), total=len(todo), desc="results", unit="run"):
-                tqdm.write(f"{futures[future]}: " + ("done" if future.result() == 0 else
-                           f"failed, see {args.out / futures[future] / 'train.log'}"))
-                if future.result() != 0:
-                    failed.append(futures[future])
-        except KeyboardInterrupt:
-            pool.shutdown(cancel_futures=True)
-            sys.exit("\ninterrupted; the same command continues (finished runs are kept, others "
-                     "resumed)")
-    return failed
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -1180,7 +1146,7 @@ def main(argv=None):
         runs = all_runs(sets, parts)
         prepare_collections({name: flags for name, flags in runs.items()
                              if not finished(args.out, name)})
-        failed = train_all(runs, args)
+        failed = train_in_parallel(runs, args.out, args.jobs, args.threads, "results")
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; the document leaves out "
                   f"what needs them", file=sys.stderr)
